@@ -1,0 +1,5 @@
+import sys
+
+from mltomo.cli import main
+
+sys.exit(main())
