@@ -1,0 +1,112 @@
+#include <cmath>
+#include <vector>
+
+#include "mltomo/interp.hpp"
+
+namespace mltomo {
+namespace {
+
+struct Corner {
+  std::int64_t base;  // flat index of the (x0, y0, z0) neighbour
+  std::int64_t dy, dz;  // flat offsets to y0+1, z0+1 (wrapped)
+  float fx, fy, fz;
+  bool conj;
+};
+
+inline int wrap(int i, int P) { return i < 0 ? i + P : i; }
+
+inline Corner locate(const PaddedGeometry& g, const double R[9], double kx, double ky, double kz) {
+  // p = pad * R^T k
+  double px = g.pad * (R[0] * kx + R[3] * ky + R[6] * kz);
+  double py = g.pad * (R[1] * kx + R[4] * ky + R[7] * kz);
+  double pz = g.pad * (R[2] * kx + R[5] * ky + R[8] * kz);
+  Corner c;
+  c.conj = px < 0;
+  if (c.conj) {
+    px = -px;
+    py = -py;
+    pz = -pz;
+  }
+  const int x0 = static_cast<int>(px);  // px >= 0
+  const int y0 = static_cast<int>(std::floor(py));
+  const int z0 = static_cast<int>(std::floor(pz));
+  c.fx = static_cast<float>(px - x0);
+  c.fy = static_cast<float>(py - y0);
+  c.fz = static_cast<float>(pz - z0);
+  const int P = g.P;
+  const std::int64_t nh = P / 2 + 1;
+  const int yy0 = wrap(y0, P), yy1 = wrap(y0 + 1, P);
+  const int zz0 = wrap(z0, P), zz1 = wrap(z0 + 1, P);
+  c.base = (static_cast<std::int64_t>(zz0) * P + yy0) * nh + x0;
+  c.dy = static_cast<std::int64_t>(yy1 - yy0) * nh;
+  c.dz = static_cast<std::int64_t>(zz1 - zz0) * P * nh;
+  return c;
+}
+
+}  // namespace
+
+void gather(const cfloat* grid, const PaddedGeometry& g, const double R[9], const WorkingSet& ws, cfloat* out) {
+  const std::size_t J = ws.size();
+  for (std::size_t j = 0; j < J; ++j) {
+    const Corner c = locate(g, R, ws.kx[j], ws.ky[j], ws.kz[j]);
+    const cfloat* b = grid + c.base;
+    const float gx = 1.f - c.fx, gy = 1.f - c.fy, gz = 1.f - c.fz;
+    const cfloat v00 = gx * b[0] + c.fx * b[1];
+    const cfloat v10 = gx * b[c.dy] + c.fx * b[c.dy + 1];
+    const cfloat v01 = gx * b[c.dz] + c.fx * b[c.dz + 1];
+    const cfloat v11 = gx * b[c.dz + c.dy] + c.fx * b[c.dz + c.dy + 1];
+    const cfloat v = gz * (gy * v00 + c.fy * v10) + c.fz * (gy * v01 + c.fy * v11);
+    out[j] = c.conj ? std::conj(v) : v;
+  }
+}
+
+void scatter(const cfloat* values, const float* weights, double value_scale, double weight_scale,
+             const PaddedGeometry& g, const double R[9], const WorkingSet& ws, cdouble* accS, double* accM) {
+  const std::size_t J = ws.size();
+  for (std::size_t j = 0; j < J; ++j) {
+    const double sf = ws.scatter_factor[j];
+    if (sf == 0) continue;
+    const Corner c = locate(g, R, ws.kx[j], ws.ky[j], ws.kz[j]);
+    const double fx = c.fx, fy = c.fy, fz = c.fz;
+    const double w[8] = {(1 - fx) * (1 - fy) * (1 - fz), fx * (1 - fy) * (1 - fz), (1 - fx) * fy * (1 - fz),
+                         fx * fy * (1 - fz),             (1 - fx) * (1 - fy) * fz, fx * (1 - fy) * fz,
+                         (1 - fx) * fy * fz,             fx * fy * fz};
+    const std::int64_t off[8] = {0, 1, c.dy, c.dy + 1, c.dz, c.dz + 1, c.dz + c.dy, c.dz + c.dy + 1};
+    if (values && accS) {
+      cdouble v(values[j].real(), values[j].imag());
+      if (c.conj) v = std::conj(v);
+      v *= value_scale * sf;
+      for (int q = 0; q < 8; ++q) accS[c.base + off[q]] += w[q] * v;
+    }
+    if (accM) {
+      const double m = sf * weight_scale * (weights ? weights[j] : 1.f);
+      if (m != 0)
+        for (int q = 0; q < 8; ++q) accM[c.base + off[q]] += w[q] * m;
+    }
+  }
+}
+
+void fold_x0_plane(const PaddedGeometry& g, cdouble* accS, double* accM) {
+  const int P = g.P;
+  const std::int64_t nh = P / 2 + 1;
+  std::vector<cdouble> s0;
+  std::vector<double> m0;
+  if (accS) s0.resize(static_cast<std::size_t>(P) * P);
+  if (accM) m0.resize(static_cast<std::size_t>(P) * P);
+  for (int z = 0; z < P; ++z)
+    for (int y = 0; y < P; ++y) {
+      const std::int64_t i = (static_cast<std::int64_t>(z) * P + y) * nh;
+      if (accS) s0[static_cast<std::size_t>(z) * P + y] = accS[i];
+      if (accM) m0[static_cast<std::size_t>(z) * P + y] = accM[i];
+    }
+  for (int z = 0; z < P; ++z)
+    for (int y = 0; y < P; ++y) {
+      const int mz = (P - z) % P, my = (P - y) % P;
+      const std::int64_t i = (static_cast<std::int64_t>(z) * P + y) * nh;
+      const std::size_t mi = static_cast<std::size_t>(mz) * P + my;
+      if (accS) accS[i] += std::conj(s0[mi]);
+      if (accM) accM[i] += m0[mi];
+    }
+}
+
+}  // namespace mltomo
