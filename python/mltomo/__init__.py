@@ -12,3 +12,10 @@ def fftw_version() -> str:
     from mltomo import _core
 
     return _core.fftw_version()
+
+
+def refine(particles, **kwargs):
+    """Run a refinement from Python: see :func:`mltomo.api.refine`."""
+    from mltomo.api import refine as _refine
+
+    return _refine(particles, **kwargs)

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
-        print(f"mltomo {args.command}: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):
+            print(f"mltomo {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mltomo {args.command}: interrupted", file=sys.stderr)

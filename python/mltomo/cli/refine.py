@@ -1,0 +1,105 @@
+"""Align and classify subtomograms by maximum likelihood (Scheres et al. 2009).
+
+$ mltomo refine particles.star --out run1 --classes 2 --iter 25 --angular-sampling 15 --missing wedge_y:-60:60
+$ mltomo refine particles.star --out run2 --classes 1 --ref start.mrc --angular-sampling 10 --angular-range 50
+$ mpiexec -n 4 mltomo refine particles.star --out run3 --classes 3 --threads 2
+$ mltomo refine --continue run1 --iter 40
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mltomo.cli import UserError
+
+log = logging.getLogger("mltomo")
+
+
+def add_args(p):
+    p.add_argument("particles", nargs="?", help="particle table (RELION STAR: rlnImageName, optional priors and regions)")
+    p.add_argument("--out", help="output directory (created; must be empty or absent)")
+    p.add_argument("--continue", dest="cont", metavar="DIR",
+                   help="continue the run in DIR after its last complete iteration (options from DIR/run_config.json; "
+                        "--iter and --threads may be changed)")
+    g = p.add_argument_group("model")
+    g.add_argument("--classes", type=int, default=2, help="number of classes K (default 2)")
+    g.add_argument("--iter", type=int, default=25, help="number of iterations (default 25; the paper ran 40)")
+    g.add_argument("--mode", choices=("ml", "ml-wa", "cc"), default="ml",
+                   help="ml: ML with imputation of missing data (default, the paper's method); ml-wa: ML posteriors with "
+                        "weighted averaging; cc: hard assignment by constrained cross-correlation")
+    g.add_argument("--ref", nargs="+", metavar="MRC", help="initial references (one per class; default: reference-free start "
+                   "from random subsets in random orientations)")
+    g.add_argument("--initial-lowpass", type=float, metavar="A", help="low-pass the initial references to A Å (paper: 40 for p53)")
+    g.add_argument("--impute-iter", type=int, default=1, help="imputation iterations m in the ML M-step (default 1)")
+    g.add_argument("--wa-threshold", type=float, default=0.1,
+                   help="tau: weighted averaging sets components observed by fewer than tau particles to 0 (default 0.1, the paper's; "
+                        "Xmipp used 1.0)")
+    g.add_argument("--reg0", type=float, default=5.0, help="initial regularisation (theta = reg*N/K^2; default 5, the paper's)")
+    g.add_argument("--regF", type=float, default=0.0, help="final regularisation (default 0, the paper's)")
+    g.add_argument("--reg-steps", type=int, default=5, help="iterations over which reg goes from reg0 to regF (default 5)")
+    g.add_argument("--fix-sigma", type=float, metavar="S", help="fix the noise standard deviation to S (the paper's near-delta runs: sigma/100)")
+    g.add_argument("--fix-xi", action="store_true", help="do not update the translation prior width xi")
+    g.add_argument("--fix-fractions", action="store_true", help="do not update the class fractions alpha")
+    g.add_argument("--sym", default="C1", help="point group Cn, Dn, T, O or I (default C1)")
+    g = p.add_argument_group("search")
+    g.add_argument("--angular-sampling", type=float, default=15.0, help="rotation grid step in degrees (default 15, the paper's)")
+    g.add_argument("--angular-range", type=float, metavar="DEG",
+                   help="local search within DEG of each particle's previous pose (paper: 50 with 10 deg sampling)")
+    g.add_argument("--no-perturb", action="store_true", help="do not re-orient the rotation grid randomly every iteration")
+    g.add_argument("--no-rotate", action="store_true", help="keep each particle's rotation; search shifts and classes only")
+    g.add_argument("--no-align", action="store_true", help="keep rotations and shifts (classification only; paper Fig. 1E)")
+    g.add_argument("--max-shift", type=float, metavar="VOX", help="largest shift searched, in voxels (default min(n/4, ceil(3 xi0)))")
+    g.add_argument("--xi0", type=float, default=2.0, help="initial translation prior width xi in voxels (default 2)")
+    g = p.add_argument_group("data")
+    g.add_argument("--missing", default="none",
+                   help="missing region for particles whose table gives none: none, wedge_y:A:B (tilt about y from A to B deg), "
+                        "wedge_x:A:B, pyramid:YA:YB:XA:XB, cone:T (default none)")
+    g.add_argument("--weight-threshold", type=float, help="for rlnCtfImage weight volumes: observed where weight > this (default half the max)")
+    g.add_argument("--max-resolution", type=float, metavar="A", help="work to this resolution in Å (crops the Fourier transform; default: full box)")
+    g.add_argument("--particle-diameter", type=float, metavar="A", help="soft spherical mask of this diameter on the references")
+    g.add_argument("--mask", metavar="MRC", help="focused mask multiplied into the references (with --no-align: focused classification)")
+    g.add_argument("--padding", type=float, default=2.0, help="Fourier padding factor of the references (default 2; 3 for particles that fill the box)")
+    g = p.add_argument_group("run")
+    g.add_argument("--eps", type=float, default=1e-5, help="stop when every class changes by less than this (relative; default 1e-5)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--threads", type=int, default=0, help="threads per process (default: all cores, or OMP_NUM_THREADS)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def config_from_args(args):
+    from mltomo.model import Config
+
+    return Config(
+        n_classes=args.classes, iterations=args.iter, mode=args.mode, angular_sampling_deg=args.angular_sampling,
+        angular_range_deg=args.angular_range, perturb=not args.no_perturb, no_rotate=args.no_rotate,
+        no_align=args.no_align, max_shift_voxels=args.max_shift, xi0_voxels=args.xi0, missing=args.missing,
+        weight_threshold=args.weight_threshold, impute_iter=args.impute_iter, wa_threshold=args.wa_threshold,
+        reg0=args.reg0, regF=args.regF, reg_steps=args.reg_steps, fix_sigma=args.fix_sigma, fix_xi=args.fix_xi,
+        fix_fractions=args.fix_fractions, max_resolution_angstrom=args.max_resolution, padding=args.padding,
+        particle_diameter_angstrom=args.particle_diameter, mask=args.mask, sym=args.sym, eps=args.eps,
+        seed=args.seed, threads=args.threads, initial_lowpass_angstrom=args.initial_lowpass,
+    )
+
+
+def run(args) -> int:
+    from mltomo.api import refine_files
+
+    if args.cont:
+        if args.particles or args.out:
+            raise UserError("--continue DIR takes no particle table or --out")
+    else:
+        if not args.particles:
+            raise UserError("a particle table is required (or --continue DIR)")
+        if not args.out:
+            raise UserError("--out DIR is required")
+    show = not args.quiet and sys.stderr.isatty()
+    refine_files(
+        args.particles, args.out, None if args.cont else config_from_args(args), refs=args.ref,
+        continue_dir=args.cont, iterations=args.iter if args.cont else None,
+        threads=args.threads if args.cont else None, progress=show,
+    )
+    return 0

@@ -1,0 +1,133 @@
+"""Small dataclasses for the state that flows through a refinement.
+
+Data flows one way: files -> :class:`Particles` -> E-step (C++) -> sums -> allreduce ->
+M-step -> :class:`Model` -> files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Particles:
+    """The particles one process holds (a contiguous block of the table)."""
+
+    spectra: np.ndarray  # (N_local, n, n, n//2+1) complex64 unitary half spectra, centre at n//2
+    masks: np.ndarray  # (G, n, n, n//2+1) float32 missing-region masks, 1 = observed
+    groups: np.ndarray  # (N_local,) int32: mask of each particle
+    region_labels: tuple  # (G,) text of each mask's region ("wedge_y:-60:60", a weight file...)
+    voxel_size_angstrom: float
+    names: tuple  # (N_local,) rlnImageName
+    indices: np.ndarray  # (N_local,) int64 rows of the table
+    n_total: int  # rows in the whole table
+    table: object = None  # the particle table (pandas DataFrame, all rows) as read
+    prior_angles: np.ndarray | None = None  # (N_local, 3) rot, tilt, psi in degrees
+    prior_shifts_angstrom: np.ndarray | None = None  # (N_local, 3) x, y, z
+    prior_classes: np.ndarray | None = None  # (N_local,) 1-based
+
+    @property
+    def box(self) -> int:
+        return int(self.spectra.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.spectra.shape[0])
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every option of a refinement (``mltomo refine --help`` documents each one)."""
+
+    n_classes: int = 2
+    iterations: int = 25
+    mode: str = "ml"  # "ml" (imputation), "ml-wa" (weighted averaging), "cc"
+    angular_sampling_deg: float = 15.0
+    angular_range_deg: float | None = None  # local search around the previous pose
+    perturb: bool = True
+    no_rotate: bool = False
+    no_align: bool = False
+    max_shift_voxels: float | None = None  # default min(n/4, ceil(3 ξ0))
+    xi0_voxels: float = 2.0
+    missing: str = "none"  # default region for particles the table gives none
+    weight_threshold: float | None = None
+    impute_iter: int = 1
+    wa_threshold: float = 0.1
+    reg0: float = 5.0
+    regF: float = 0.0
+    reg_steps: int = 5
+    fix_sigma: float | None = None
+    fix_xi: bool = False
+    fix_fractions: bool = False
+    max_resolution_angstrom: float | None = None
+    padding: float = 2.0
+    gridding: bool = True
+    particle_diameter_angstrom: float | None = None
+    mask: str | None = None
+    sym: str = "C1"
+    eps: float = 1e-5
+    seed: int = 0
+    threads: int = 0
+    initial_lowpass_angstrom: float | None = None
+    prune: float = 1e-8
+    memory_budget_bytes: int = 1 << 30
+    rotations: object = None  # optional explicit (R, 3, 3) rotation list (tests, experiments)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rotations"}
+
+
+@dataclass(frozen=True)
+class Model:
+    """Parameters Θ after an iteration."""
+
+    refs: np.ndarray  # (K, n, n, n) float32, real space
+    alpha: np.ndarray  # (K,) class fractions
+    sigma2: float  # noise variance per voxel
+    xi2_voxels: float  # translation prior variance (original voxels²)
+    iteration: int = 0
+    log_likelihood: float = float("nan")
+    changes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (K,) ‖ΔA‖²/‖A‖²
+
+
+@dataclass(frozen=True)
+class ParticleResults:
+    """Per-particle results of one iteration, for the particles a process holds (or all)."""
+
+    indices: np.ndarray  # (N,) rows of the table
+    classes: np.ndarray  # (N,) 1-based
+    angles: np.ndarray  # (N, 3) rot, tilt, psi degrees
+    shifts_angstrom: np.ndarray  # (N, 3) x, y, z: rlnOriginX/Y/ZAngst
+    max_post: np.ndarray  # (N,)
+    n_significant: np.ndarray  # (N,)
+    log_likelihood: np.ndarray  # (N,) rlnLogLikeliContribution
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    iteration: int
+    log_likelihood: float
+    sigma: float
+    xi_voxels: float
+    alpha: tuple
+    changes: tuple
+    samples: int
+    kept: int
+    n_rotations: int
+    n_shifts: int
+    seconds_estep: float
+    seconds_mstep: float
+    seconds_total: float
+
+    @property
+    def pruned_fraction(self) -> float:
+        return 1.0 - self.kept / self.samples if self.samples else 0.0
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    model: Model
+    particles: ParticleResults  # all particles (on rank 0; this rank's block elsewhere)
+    history: tuple  # IterationStats per iteration run
+    out_dir: str | None = None

@@ -1,0 +1,165 @@
+"""What a refinement writes, and how a stopped one is continued.
+
+Per iteration ``it`` (rank 0, every file written to a temporary name then renamed):
+
+* ``run_itNNN_classKKK.mrc``: the references;
+* ``run_itNNN_data.star``: the input table with, per particle, ``rlnClassNumber``,
+  ``rlnAngleRot/Tilt/Psi``, ``rlnOriginX/Y/ZAngst`` (SPEC §1 convention),
+  ``rlnMaxValueProbDistribution``, ``rlnNrOfSignificantSamples``, ``rlnLogLikeliContribution``;
+* ``run_itNNN_model.star``, written last, so its presence marks a complete iteration:
+  ``data_model_general`` (log-likelihood, σ, ξ, ...) and ``data_model_classes``
+  (class map, fraction α_k, relative change).
+
+``run_config.json`` (written once) records the input table and every option, so that
+``mltomo refine --continue DIR`` can pick up after the last complete iteration. Every random
+choice is seeded by (seed, iteration), so a continued run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from mltomo.model import Config, Model, ParticleResults
+
+
+def iteration_prefix(out_dir, it: int) -> Path:
+    return Path(out_dir) / f"run_it{it:03d}"
+
+
+def write_run_config(out_dir, star_path: str, config: Config, extra: dict | None = None) -> None:
+    from mltomo.io.atomic import atomic_write_text
+
+    d = {"particles": str(star_path), "config": config.to_dict()}
+    if extra:
+        d.update(extra)
+    atomic_write_text(Path(out_dir) / "run_config.json", json.dumps(d, indent=2, sort_keys=True))
+
+
+def read_run_config(out_dir) -> tuple[str, Config, dict]:
+    path = Path(out_dir) / "run_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no run to continue here (run_config.json is missing)")
+    d = json.loads(path.read_text())
+    return d["particles"], Config(**d["config"]), d
+
+
+def write_iteration(out_dir, model: Model, results: ParticleResults, particles, config: Config, geo, stats) -> None:
+    import pandas as pd
+
+    from mltomo.io.mrc import write_volume
+    from mltomo.io.star import write_star
+
+    it = model.iteration
+    prefix = iteration_prefix(out_dir, it)
+    voxel = particles.voxel_size_angstrom
+    maps = []
+    for k, a in enumerate(model.refs):
+        path = Path(f"{prefix}_class{k + 1:03d}.mrc")
+        write_volume(path, np.asarray(a, dtype=np.float32), voxel)
+        maps.append(path.name)
+
+    table = particles.table
+    if table is None:
+        table = pd.DataFrame({"rlnImageName": list(particles.names)})
+    df = table.copy()
+    order = np.argsort(results.indices)
+    idx = results.indices[order]
+    if len(idx) != len(df) or np.any(idx != np.arange(len(df))):
+        raise RuntimeError("per-particle results do not cover the table")
+    cols = {
+        "rlnClassNumber": results.classes[order].astype(int),
+        "rlnAngleRot": results.angles[order, 0],
+        "rlnAngleTilt": results.angles[order, 1],
+        "rlnAnglePsi": results.angles[order, 2],
+        "rlnOriginXAngst": results.shifts_angstrom[order, 0],
+        "rlnOriginYAngst": results.shifts_angstrom[order, 1],
+        "rlnOriginZAngst": results.shifts_angstrom[order, 2],
+        "rlnMaxValueProbDistribution": results.max_post[order],
+        "rlnNrOfSignificantSamples": results.n_significant[order].astype(int),
+        "rlnLogLikeliContribution": results.log_likelihood[order],
+    }
+    for k, v in cols.items():
+        df[k] = v
+    write_star(f"{prefix}_data.star", {"particles": df}, float_format="%.10g")
+
+    general = {
+        "rlnCurrentIteration": it,
+        "rlnNrClasses": len(model.refs),
+        "rlnLogLikelihood": repr(float(model.log_likelihood)),
+        "mltomoSigmaNoise": repr(float(np.sqrt(model.sigma2))),
+        "mltomoSigma2Noise": repr(float(model.sigma2)),
+        "rlnSigmaOffsetsAngst": repr(float(np.sqrt(model.xi2_voxels) * voxel)),
+        "mltomoXi2Voxels": repr(float(model.xi2_voxels)),
+        "rlnPixelSize": repr(float(voxel)),
+        "rlnOriginalImageSize": particles.box,
+        "mltomoWorkingBox": geo.n_w,
+        "mltomoWorkingRadius": repr(float(geo.radius)),
+        "mltomoRotations": stats.n_rotations,
+        "mltomoTranslations": stats.n_shifts,
+        "mltomoPrunedFraction": repr(float(stats.pruned_fraction)),
+        "mltomoSecondsIteration": repr(float(stats.seconds_total)),
+    }
+    classes = pd.DataFrame({
+        "rlnReferenceImage": maps,
+        "rlnClassDistribution": [repr(float(a)) for a in model.alpha],
+        "mltomoRelativeChange": [repr(float(c)) for c in model.changes],
+    })
+    write_star(f"{prefix}_model.star", {"model_general": general, "model_classes": classes})
+
+
+def last_complete_iteration(out_dir) -> int:
+    its = []
+    for p in Path(out_dir).glob("run_it*_model.star"):
+        m = re.fullmatch(r"run_it(\d+)_model\.star", p.name)
+        if m:
+            its.append(int(m.group(1)))
+    return max(its) if its else 0
+
+
+def read_iteration(out_dir, it: int, particle_indices=None) -> tuple[Model, ParticleResults]:
+    """The model and per-particle results written for iteration ``it``."""
+    from mltomo.io.mrc import read_volume
+    from mltomo.io.star import read_star
+
+    prefix = iteration_prefix(out_dir, it)
+    blocks = read_star(f"{prefix}_model.star")
+    gen = blocks["model_general"]
+    if hasattr(gen, "iloc"):
+        gen = {c: gen[c].iloc[0] for c in gen.columns}
+    cls = blocks["model_classes"]
+    refs = np.stack([read_volume(Path(out_dir) / name)[0] for name in cls["rlnReferenceImage"]])
+    model = Model(
+        refs=refs.astype(np.float32),
+        alpha=np.array([float(a) for a in cls["rlnClassDistribution"]]),
+        sigma2=float(gen["mltomoSigma2Noise"]),
+        xi2_voxels=float(gen["mltomoXi2Voxels"]),
+        iteration=int(gen["rlnCurrentIteration"]),
+        log_likelihood=float(gen["rlnLogLikelihood"]),
+        changes=np.array([float(c) for c in cls["mltomoRelativeChange"]]),
+    )
+    df = read_star(f"{prefix}_data.star")["particles"]
+    idx = np.arange(len(df)) if particle_indices is None else np.asarray(particle_indices)
+    sub = df.iloc[idx]
+    res = ParticleResults(
+        indices=idx,
+        classes=sub["rlnClassNumber"].to_numpy(np.int64),
+        angles=sub[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64),
+        shifts_angstrom=sub[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy(np.float64),
+        max_post=sub["rlnMaxValueProbDistribution"].to_numpy(np.float64),
+        n_significant=sub["rlnNrOfSignificantSamples"].to_numpy(np.int64),
+        log_likelihood=sub["rlnLogLikeliContribution"].to_numpy(np.float64),
+    )
+    return model, res
+
+
+def remove_incomplete(out_dir, last_complete: int) -> None:
+    """Delete our own files of iterations after ``last_complete`` (a killed run's leftovers)."""
+    for p in Path(out_dir).glob("run_it*"):
+        m = re.match(r"run_it(\d+)_", p.name)
+        if m and int(m.group(1)) > last_complete:
+            os.remove(p)

@@ -1,0 +1,168 @@
+"""Reading a particle table into :class:`~mltomo.model.Particles`.
+
+The table is a RELION-style STAR file. Columns used:
+
+* ``rlnImageName`` (required): an MRC/``.em`` volume, or ``n@stack.mrcs``, relative to the
+  STAR file's directory;
+* the missing region of each particle, first found of: ``rlnCtfImage`` (a RELION 3 weight
+  volume; observed where the weight exceeds ``--weight-threshold``, default half its maximum),
+  ``mltomoMissingRegion`` (text such as ``wedge_y:-60:60``), the region of the particle's
+  ``rlnTomoName`` in a ``data_tomograms`` block (columns ``rlnTomoName``,
+  ``mltomoMissingRegion``), else the command line's ``--missing``;
+* optional priors: ``rlnAngleRot/Tilt/Psi``, ``rlnOriginX/Y/ZAngst``, ``rlnClassNumber``;
+* the voxel size: ``rlnImagePixelSize`` in ``data_optics`` if present, else the volumes'
+  headers (all must agree).
+
+Each process reads only its own contiguous block of rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mltomo.model import Particles
+from mltomo.parallel import SerialComm, split_range
+
+
+class ParticleTableError(ValueError):
+    """A problem with the particle table or a file it names (one line, names the file)."""
+
+
+def _particle_block(blocks, path):
+    if "particles" in blocks and hasattr(blocks["particles"], "columns"):
+        return blocks["particles"]
+    for name, b in blocks.items():
+        if hasattr(b, "columns") and "rlnImageName" in b.columns:
+            return b
+    raise ParticleTableError(f"{path}: no table with an rlnImageName column")
+
+
+def read_particles(star_path, *, missing: str = "none", weight_threshold: float | None = None,
+                   comm=None) -> Particles:
+    from mltomo.fourier import missing_region_mask, parse_missing_region, rfft_unitary, weight_volume_mask
+    from mltomo.io import read_volume_any
+    from mltomo.io.star import read_star
+
+    comm = comm or SerialComm()
+    path = Path(star_path)
+    error = None
+    try:
+        if not path.is_file():
+            raise ParticleTableError(f"{path}: no such file")
+        try:
+            blocks = read_star(path)
+        except ValueError as exc:
+            raise ParticleTableError(str(exc)) from exc
+        df = _particle_block(blocks, path).reset_index(drop=True)
+        if len(df) == 0:
+            raise ParticleTableError(f"{path}: the particle table is empty")
+    except (ParticleTableError, OSError) as exc:
+        error = str(exc)
+    comm.check(error)
+
+    star_dir = path.parent
+    optics = blocks.get("optics")
+    voxel = None
+    if optics is not None and hasattr(optics, "columns") and "rlnImagePixelSize" in optics.columns:
+        voxel = float(optics["rlnImagePixelSize"].iloc[0])
+    tomo_regions = {}
+    tomos = blocks.get("tomograms")
+    if tomos is not None and hasattr(tomos, "columns") and {"rlnTomoName", "mltomoMissingRegion"} <= set(tomos.columns):
+        tomo_regions = dict(zip(tomos["rlnTomoName"].astype(str), tomos["mltomoMissingRegion"].astype(str)))
+
+    N = len(df)
+    a, b = split_range(N, comm.rank, comm.size)
+    spectra, labels, groups, names = [], [], [], []
+    masks = {}
+    box = None
+    header_voxel = None
+    error = None
+    try:
+        try:
+            parse_missing_region(missing)
+        except ValueError as exc:
+            raise ParticleTableError(f"--missing {missing}: {exc}") from exc
+        for i in range(a, b):
+            row = df.iloc[i]
+            name = str(row["rlnImageName"])
+            vol, vs = read_volume_any(name, star_dir)
+            if vol.ndim != 3 or len(set(vol.shape)) != 1:
+                raise ParticleTableError(f"{name}: volume is {vol.shape}, particles must be cubic")
+            if box is None:
+                box, header_voxel = vol.shape[0], vs
+            elif vol.shape[0] != box:
+                raise ParticleTableError(f"{name}: box {vol.shape[0]} differs from the first particle's {box}")
+            if voxel is None and vs and header_voxel and abs(vs - header_voxel) > 1e-3 * header_voxel:
+                raise ParticleTableError(f"{name}: voxel size {vs:g} Å differs from the first particle's {header_voxel:g} Å")
+            if not np.all(np.isfinite(vol)):
+                raise ParticleTableError(f"{name}: contains NaN or infinite voxels")
+            # Missing region.
+            if "rlnCtfImage" in df.columns and str(row["rlnCtfImage"]) not in ("", "nan", "None"):
+                label = "weights:" + str(row["rlnCtfImage"])
+            elif "mltomoMissingRegion" in df.columns and str(row["mltomoMissingRegion"]) not in ("", "nan"):
+                label = str(row["mltomoMissingRegion"])
+            elif "rlnTomoName" in df.columns and str(row["rlnTomoName"]) in tomo_regions:
+                label = tomo_regions[str(row["rlnTomoName"])]
+            else:
+                label = missing
+            if label not in masks:
+                if label.startswith("weights:"):
+                    wname = label[len("weights:"):]
+                    wvol, _ = read_volume_any(wname, star_dir)
+                    try:
+                        masks[label] = weight_volume_mask(wvol, weight_threshold)
+                    except ValueError as exc:
+                        raise ParticleTableError(f"{wname}: {exc}") from exc
+                else:
+                    try:
+                        masks[label] = missing_region_mask(parse_missing_region(label), box)
+                    except ValueError as exc:
+                        raise ParticleTableError(f"{name}: missing region {label!r}: {exc}") from exc
+                if masks[label].shape != (box, box, box // 2 + 1):
+                    raise ParticleTableError(f"{label}: weight volume does not match the {box}³ particles")
+            labels.append(label)
+            spectra.append(rfft_unitary(vol.astype(np.float32)).astype(np.complex64))
+            names.append(name)
+    except (ParticleTableError, OSError, ValueError) as exc:
+        error = str(exc)
+    comm.check(error)
+
+    # Every rank must agree on the box and voxel size.
+    info = comm.gather((box, header_voxel))
+    info = comm.bcast(info)
+    boxes = {bx for bx, _ in info if bx is not None}
+    if len(boxes) > 1:
+        comm.check(f"{path}: particles have different box sizes {sorted(boxes)}")
+    box = boxes.pop() if boxes else box
+    if voxel is None:
+        vs = [v for _, v in info if v]
+        voxel = float(vs[0]) if vs else 1.0
+
+    label_list = sorted(masks)
+    group_of = {lab: g for g, lab in enumerate(label_list)}
+    groups = np.array([group_of[lab] for lab in labels], dtype=np.int32)
+    mask_arr = (np.stack([masks[lab] for lab in label_list]).astype(np.float32) if label_list
+                else np.ones((1, box, box, box // 2 + 1), np.float32))
+
+    def cols(names_):
+        if all(c in df.columns for c in names_):
+            return df[list(names_)].to_numpy(np.float64)[a:b]
+        return None
+
+    prior_classes = df["rlnClassNumber"].to_numpy(np.int64)[a:b] if "rlnClassNumber" in df.columns else None
+    return Particles(
+        spectra=np.array(spectra, dtype=np.complex64).reshape(-1, box, box, box // 2 + 1),
+        masks=mask_arr,
+        groups=groups,
+        region_labels=tuple(label_list),
+        voxel_size_angstrom=float(voxel),
+        names=tuple(names),
+        indices=np.arange(a, b),
+        n_total=N,
+        table=df,
+        prior_angles=cols(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")),
+        prior_shifts_angstrom=cols(("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst")),
+        prior_classes=prior_classes,
+    )
