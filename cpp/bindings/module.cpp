@@ -107,15 +107,15 @@ void rotate_back(py::handle values, py::handle weights, double pad, py::handle r
   const mltomo::PaddedGeometry geo{static_cast<int>(P), pad};
   if (pad * radius + 1 > P / 2.0) throw py::value_error("S too small for pad and radius");
   py::gil_scoped_release release;
-  std::vector<cfloat> vals(ws.size());
-  std::vector<float> wts(ws.size());
+  std::vector<cdouble> vals(ws.size());
+  std::vector<double> wts(ws.size());
   for (std::size_t j = 0; j < ws.size(); ++j) {
     vals[j] = v[ws.index[j]];
     wts[j] = w[ws.index[j]];
   }
   std::vector<cdouble> s_tmp(geo.half_size(), cdouble(0, 0));
   std::vector<double> m_tmp(geo.half_size(), 0.0);
-  mltomo::scatter(vals.data(), wts.data(), 1.0, 1.0, geo, R, ws, s_tmp.data(), m_tmp.data());
+  mltomo::scatter(vals.data(), wts.data(), geo, R, ws, s_tmp.data(), m_tmp.data());
   mltomo::fold_x0_plane(geo, s_tmp.data(), m_tmp.data());
   for (std::size_t q = 0; q < geo.half_size(); ++q) {
     s[q] += s_tmp[q];

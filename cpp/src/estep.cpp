@@ -18,7 +18,7 @@ constexpr double kTwoPi = 6.283185307179586476925286766559;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // A translation map with at most this many kept samples is back-shifted by direct phase sums;
 // wider maps use one forward FFT.
-constexpr int kDirectPhaseMax = 8;
+constexpr int kDirectPhaseMax = 12;
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
@@ -36,6 +36,7 @@ struct Candidates {
   // CC mode: the single best sample.
   std::int32_t cc_kr = -1, cc_t = -1;
   float cc_s = 0;
+  double total = 0;  // sum of exp(L - run_best) over the kept samples
 
   void clear() {
     kr.clear();
@@ -125,6 +126,27 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
   std::vector<cfloat> rotated(static_cast<std::size_t>(K) * rb * J);
   std::vector<std::uint8_t> needed(rb);
 
+  // Phases exp(+2 pi i k_j . t / n) per shift, when they fit in 128 MB: back-shifting a map
+  // with few significant shifts then costs a few J-length products instead of an FFT.
+  std::vector<cfloat> phase_table;
+  if (static_cast<double>(T) * J * sizeof(cfloat) <= 128.0 * (1 << 20)) {
+    phase_table.resize(static_cast<std::size_t>(T) * J);
+    for (int t = 0; t < T; ++t) {
+      const int sx = pb.shifts[3 * t], sy = pb.shifts[3 * t + 1], sz = pb.shifts[3 * t + 2];
+      for (std::size_t j = 0; j < J; ++j) {
+        const int m = ((ws.kx[j] * sx + ws.ky[j] * sy + ws.kz[j] * sz) % n + n) % n;
+        phase_table[static_cast<std::size_t>(t) * J + j] =
+            cfloat(static_cast<float>(phase[m].real()), static_cast<float>(phase[m].imag()));
+      }
+    }
+  }
+  const int direct_max = phase_table.empty() ? 1 : kDirectPhaseMax;
+  struct Entry {
+    std::int32_t particle, cand;
+  };
+  std::vector<std::int64_t> kr_start(static_cast<std::size_t>(K) * R + 1);
+  std::vector<Entry> entries;
+
   EStepCounters cnt;
   std::int64_t samples = 0, kept = 0, maps_pruned = 0;
   const double t_start = omp_get_wtime();
@@ -138,7 +160,6 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
     auto rbuf = aligned_array<float>(real_n);
     std::vector<float> scores(T);
     std::vector<std::complex<double>> phi(J);
-    std::vector<cfloat> y(J);
     std::vector<double> post(T);
     accS[tid].assign(static_cast<std::size_t>(K) * half_P, cdouble(0, 0));
     accM[tid].assign(static_cast<std::size_t>(K) * half_P, 0.0);
@@ -256,13 +277,10 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
       t_score += omp_get_wtime();
     }
 
-    // Stage 2 and 3: posteriors and weighted sums. Static schedule: which particles a thread
-    // adds, and in which order, depends only on N and the thread count.
+    // Stage 2: posteriors of each particle (log-sum-exp with the maximum subtracted).
 #pragma omp single
     t_acc -= omp_get_wtime();
-    cdouble* S_t = accS[tid].data();
-    double* M_t = accM[tid].data();
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int i = 0; i < N; ++i) {
       const ParticleData& d = pdata[i];
       Candidates& c = cands[i];
@@ -277,89 +295,32 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
           best_p = 1;
           nsig = 1;
           log_sum = c.run_best;
-          const double d2 = d.x_norm + c.cc_s;
-          accW[tid][best_k] += 1;
-          accSums[tid][0] += d2;
-          accSums[tid][1] += t2[best_t];
-          const int sx = pb.shifts[3 * best_t], sy = pb.shifts[3 * best_t + 1], sz = pb.shifts[3 * best_t + 2];
-          for (std::size_t j = 0; j < J; ++j) {
-            const int m = ((ws.kx[j] * sx + ws.ky[j] * sy + ws.kz[j] * sz) % n + n) % n;
-            y[j] = d.wx[j] * cfloat(static_cast<float>(phase[m].real()), static_cast<float>(phase[m].imag()));
-          }
-          const std::size_t off = static_cast<std::size_t>(best_k) * half_P;
-          scatter(y.data(), d.w.data(), 1.0, 1.0, g, pb.rotations + 9 * static_cast<std::size_t>(best_r), ws,
-                  S_t + off, M_t + off);
-          ++kept;
         }
       } else if (!c.kr.empty()) {
         const double Lmax = c.run_best;
         const double thr = Lmax + log_prune;
         double total = 0;
+        float best_L = kNegInf;
         for (std::size_t q = 0; q < c.kr.size(); ++q) {
           if (c.best[q] < thr) continue;
           const float* L = &c.maps[q * T];
-          for (int t = 0; t < T; ++t)
-            if (L[t] >= thr) total += std::exp(L[t] - Lmax);
-        }
-        log_sum = Lmax + std::log(total) - d.x_norm * inv2s2;
-        for (std::size_t q = 0; q < c.kr.size(); ++q) {
-          if (c.best[q] < thr) continue;
-          const int k = c.kr[q] / R, r = c.kr[q] % R;
-          const float* L = &c.maps[q * T];
-          double pkr = 0, pd2 = 0, pt2 = 0;
-          int nkept = 0, last_t = -1;
           for (int t = 0; t < T; ++t) {
-            if (L[t] >= thr) {
-              const double p = std::exp(L[t] - Lmax) / total;
-              post[t] = p;
-              pkr += p;
-              const double s = 2.0 * pb.sigma2 * (pb.log_alpha[k] + pb.log_prior_shift[t] - L[t]);
-              pd2 += p * (d.x_norm + s);
-              pt2 += p * t2[t];
-              ++nkept;
-              last_t = t;
-              if (p > best_p) {
-                best_p = p;
-                best_k = k;
-                best_r = r;
-                best_t = t;
-              }
-            } else {
-              post[t] = 0;
+            if (L[t] < thr) continue;
+            total += std::exp(L[t] - Lmax);
+            ++nsig;
+            if (L[t] > best_L) {
+              best_L = L[t];
+              best_k = c.kr[q] / R;
+              best_r = c.kr[q] % R;
+              best_t = t;
             }
           }
-          nsig += nkept;
-          accW[tid][k] += pkr;
-          accSums[tid][0] += pd2;
-          accSums[tid][1] += pt2;
-          // phi_j = sum_t P_t exp(+2 pi i k_j . t / n): undoes the shifts.
-          if (nkept <= kDirectPhaseMax) {
-            std::fill(phi.begin(), phi.end(), std::complex<double>(0, 0));
-            for (int t = 0; t <= last_t; ++t) {
-              if (post[t] == 0) continue;
-              const int sx = pb.shifts[3 * t], sy = pb.shifts[3 * t + 1], sz = pb.shifts[3 * t + 2];
-              for (std::size_t j = 0; j < J; ++j) {
-                const int m = ((ws.kx[j] * sx + ws.ky[j] * sy + ws.kz[j] * sz) % n + n) % n;
-                phi[j] += post[t] * phase[m];
-              }
-            }
-          } else {
-            std::memset(rbuf.get(), 0, sizeof(float) * real_n);
-            for (int t = 0; t < T; ++t) rbuf[tidx[t]] += static_cast<float>(post[t]);
-            plan.r2c(rbuf.get(), cbuf.get());
-            for (std::size_t j = 0; j < J; ++j) {
-              const cfloat f = cbuf[ws.index[j]];
-              phi[j] = std::complex<double>(f.real(), -f.imag());
-            }
-          }
-          for (std::size_t j = 0; j < J; ++j)
-            y[j] = cfloat(static_cast<float>(phi[j].real()), static_cast<float>(phi[j].imag())) * d.wx[j];
-          const std::size_t off = static_cast<std::size_t>(k) * half_P;
-          scatter(y.data(), d.w.data(), 1.0, pkr, g, pb.rotations + 9 * static_cast<std::size_t>(r), ws, S_t + off,
-                  M_t + off);
         }
-        kept += nsig;
+        c.total = total;
+        best_p = std::exp(best_L - Lmax) / total;
+        log_sum = Lmax + std::log(total) - d.x_norm * inv2s2;
       }
+      kept += nsig;
       out.best_class[i] = best_k;
       out.best_rot[i] = best_r;
       out.best_shift[i] = best_t;
@@ -368,8 +329,116 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
       out.log_sum[i] = log_sum;
       out.x_norm[i] = d.x_norm;
       out.n_observed[i] = d.n_obs;
-      // Free the candidate memory as soon as the particle is done.
-      std::vector<float>().swap(c.maps);
+    }
+
+    // Who contributes to which (class, rotation), particles in ascending order.
+#pragma omp single
+    {
+      std::fill(kr_start.begin(), kr_start.end(), 0);
+      for (int i = 0; i < N; ++i) {
+        const Candidates& c = cands[i];
+        if (cc_mode) {
+          if (c.cc_kr >= 0) ++kr_start[c.cc_kr + 1];
+          continue;
+        }
+        const double thr = c.run_best + log_prune;
+        for (std::size_t q = 0; q < c.kr.size(); ++q)
+          if (c.best[q] >= thr) ++kr_start[c.kr[q] + 1];
+      }
+      for (std::size_t q = 1; q < kr_start.size(); ++q) kr_start[q] += kr_start[q - 1];
+      entries.resize(kr_start.back());
+      std::vector<std::int64_t> fill(kr_start.begin(), kr_start.end() - 1);
+      for (int i = 0; i < N; ++i) {
+        const Candidates& c = cands[i];
+        if (cc_mode) {
+          if (c.cc_kr >= 0) entries[fill[c.cc_kr]++] = Entry{i, -1};
+          continue;
+        }
+        const double thr = c.run_best + log_prune;
+        for (std::size_t q = 0; q < c.kr.size(); ++q)
+          if (c.best[q] >= thr) entries[fill[c.kr[q]]++] = Entry{i, static_cast<std::int32_t>(q)};
+      }
+    }
+
+    // Stage 3: weighted sums. Each (class, rotation) sums its particles in the particle frame
+    // and is scattered into the reference once. Static round-robin schedule: which thread adds
+    // what, and in which order, depends only on the sizes and the thread count.
+    cdouble* S_t = accS[tid].data();
+    double* M_t = accM[tid].data();
+    std::vector<cdouble> ysum(J);
+    std::vector<double> msum(J);
+#pragma omp for schedule(static, 1)
+    for (int kr = 0; kr < K * R; ++kr) {
+      const std::int64_t e0 = kr_start[kr], e1 = kr_start[kr + 1];
+      if (e0 == e1) continue;
+      const int k = kr / R, r = kr % R;
+      std::fill(ysum.begin(), ysum.end(), cdouble(0, 0));
+      std::fill(msum.begin(), msum.end(), 0.0);
+      for (std::int64_t e = e0; e < e1; ++e) {
+        const int i = entries[e].particle;
+        const ParticleData& d = pdata[i];
+        const Candidates& c = cands[i];
+        double pkr = 0, pd2 = 0, pt2 = 0;
+        int nkept = 0;
+        if (cc_mode) {
+          std::fill(post.begin(), post.end(), 0.0);
+          post[c.cc_t] = 1;
+          pkr = 1;
+          pd2 = d.x_norm + c.cc_s;
+          pt2 = t2[c.cc_t];
+          nkept = 1;
+        } else {
+          const double Lmax = c.run_best, thr = Lmax + log_prune;
+          const float* L = &c.maps[static_cast<std::size_t>(entries[e].cand) * T];
+          for (int t = 0; t < T; ++t) {
+            if (L[t] >= thr) {
+              const double p = std::exp(L[t] - Lmax) / c.total;
+              post[t] = p;
+              pkr += p;
+              const double s = 2.0 * pb.sigma2 * (pb.log_alpha[k] + pb.log_prior_shift[t] - L[t]);
+              pd2 += p * (d.x_norm + s);
+              pt2 += p * t2[t];
+              ++nkept;
+            } else {
+              post[t] = 0;
+            }
+          }
+        }
+        accW[tid][k] += pkr;
+        accSums[tid][0] += pd2;
+        accSums[tid][1] += pt2;
+        // phi_j = sum_t P_t exp(+2 pi i k_j . t / n) undoes the shifts.
+        if (nkept <= direct_max) {
+          std::fill(phi.begin(), phi.end(), std::complex<double>(0, 0));
+          for (int t = 0; t < T; ++t) {
+            if (post[t] == 0) continue;
+            if (!phase_table.empty()) {
+              const cfloat* E = &phase_table[static_cast<std::size_t>(t) * J];
+              for (std::size_t j = 0; j < J; ++j) phi[j] += post[t] * std::complex<double>(E[j].real(), E[j].imag());
+            } else {
+              const int sx = pb.shifts[3 * t], sy = pb.shifts[3 * t + 1], sz = pb.shifts[3 * t + 2];
+              for (std::size_t j = 0; j < J; ++j) {
+                const int m = ((ws.kx[j] * sx + ws.ky[j] * sy + ws.kz[j] * sz) % n + n) % n;
+                phi[j] += post[t] * phase[m];
+              }
+            }
+          }
+        } else {
+          std::memset(rbuf.get(), 0, sizeof(float) * real_n);
+          for (int t = 0; t < T; ++t) rbuf[tidx[t]] += static_cast<float>(post[t]);
+          plan.r2c(rbuf.get(), cbuf.get());
+          for (std::size_t j = 0; j < J; ++j) {
+            const cfloat f = cbuf[ws.index[j]];
+            phi[j] = std::complex<double>(f.real(), -f.imag());
+          }
+        }
+        for (std::size_t j = 0; j < J; ++j) {
+          ysum[j] += phi[j] * std::complex<double>(d.wx[j].real(), d.wx[j].imag());
+          msum[j] += pkr * d.w[j];
+        }
+      }
+      const std::size_t off = static_cast<std::size_t>(k) * half_P;
+      scatter(ysum.data(), msum.data(), g, pb.rotations + 9 * static_cast<std::size_t>(r), ws, S_t + off, M_t + off);
     }
 #pragma omp single
     t_acc += omp_get_wtime();

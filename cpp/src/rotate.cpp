@@ -60,8 +60,8 @@ void gather(const cfloat* grid, const PaddedGeometry& g, const double R[9], cons
   }
 }
 
-void scatter(const cfloat* values, const float* weights, double value_scale, double weight_scale,
-             const PaddedGeometry& g, const double R[9], const WorkingSet& ws, cdouble* accS, double* accM) {
+void scatter(const cdouble* values, const double* weights, const PaddedGeometry& g, const double R[9],
+             const WorkingSet& ws, cdouble* accS, double* accM) {
   const std::size_t J = ws.size();
   for (std::size_t j = 0; j < J; ++j) {
     const double sf = ws.scatter_factor[j];
@@ -73,13 +73,13 @@ void scatter(const cfloat* values, const float* weights, double value_scale, dou
                          (1 - fx) * fy * fz,             fx * fy * fz};
     const std::int64_t off[8] = {0, 1, c.dy, c.dy + 1, c.dz, c.dz + 1, c.dz + c.dy, c.dz + c.dy + 1};
     if (values && accS) {
-      cdouble v(values[j].real(), values[j].imag());
+      cdouble v = values[j];
       if (c.conj) v = std::conj(v);
-      v *= value_scale * sf;
+      v *= sf;
       for (int q = 0; q < 8; ++q) accS[c.base + off[q]] += w[q] * v;
     }
-    if (accM) {
-      const double m = sf * weight_scale * (weights ? weights[j] : 1.f);
+    if (weights && accM) {
+      const double m = sf * weights[j];
       if (m != 0)
         for (int q = 0; q < 8; ++q) accM[c.base + off[q]] += w[q] * m;
     }

@@ -29,10 +29,10 @@ struct PaddedGeometry {
 void gather(const cfloat* grid, const PaddedGeometry& g, const double R[9], const WorkingSet& ws, cfloat* out);
 
 // Adjoint of gather (with WorkingSet::scatter_factor), before the x = 0 fold:
-// accS[nbr] += w_nbr * values[j] (conjugated where p was mirrored), and, if accM is not null,
-// accM[nbr] += w_nbr * weights[j] * scale. values may be null (weights only).
-void scatter(const cfloat* values, const float* weights, double value_scale, double weight_scale,
-             const PaddedGeometry& g, const double R[9], const WorkingSet& ws, cdouble* accS, double* accM);
+// accS[nbr] += w_nbr * values[j] (conjugated where p was mirrored) and accM[nbr] += w_nbr *
+// weights[j]. Either side may be null.
+void scatter(const cdouble* values, const double* weights, const PaddedGeometry& g, const double R[9],
+             const WorkingSet& ws, cdouble* accS, double* accM);
 
 // Completes the adjoint on the stored x = 0 plane: a sample near px = 0 also touches the
 // mirrored, conjugated neighbours there. S[0,y,z] += conj(S[0,-y,-z]); M likewise.
