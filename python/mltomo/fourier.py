@@ -162,6 +162,206 @@ def _symmetrise_min(mask: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Fourier cropping and padding
+# --------------------------------------------------------------------------------------------
+#
+# Scaling convention: the coefficient of integer frequency k (units of 1 / (n · voxel)) keeps
+# its value. Cropping an n-box spectrum to n_new keeps exactly the components with
+# |kz|, |ky|, kx < n_new / 2 and zeroes the Nyquist planes of an even n_new (they would alias
+# +n_new/2 and -n_new/2). Hence Σ_half half_weights(n_new) · |crop_half(F, n_new)|² is the
+# energy of the band |k_i| < n_new / 2, and irfft_unitary(crop_half(F, n_new), n_new) is the
+# band-limited volume sampled on the coarser grid *multiplied by (n / n_new)^{3/2}* (the unitary
+# normalisation n^{-3/2} changes with the box). resample_volume() removes that factor.
+
+
+def _resize_axis(A: np.ndarray, axis: int, n: int, n_new: int, half: bool) -> np.ndarray:
+    """Crop or zero-pad one frequency axis of size ``n`` (``n//2+1`` if ``half``) to ``n_new``.
+
+    Frequencies ``|k| < min(n, n_new) / 2`` are copied unchanged. When padding an even ``n``,
+    the source Nyquist coefficient (``±n/2`` alias) is split in halves between ``+n/2`` and
+    ``-n/2`` (for the half axis only ``+n/2`` is stored; its mirror is implied). When cropping
+    to an even ``n_new`` the new Nyquist stays zero.
+    """
+    shape = list(A.shape)
+    shape[axis] = n_new // 2 + 1 if half else n_new
+    out = np.zeros(shape, dtype=A.dtype)
+    m = (min(n, n_new) - 1) // 2  # largest |k| strictly below both Nyquists
+    k = np.arange(0, m + 1) if half else np.arange(-m, m + 1)
+    src = [slice(None)] * A.ndim
+    dst = [slice(None)] * A.ndim
+    src[axis], dst[axis] = k % n, k % n_new
+    out[tuple(dst)] = A[tuple(src)]
+    if n_new > n and n % 2 == 0:
+        h = n // 2
+        src[axis] = h
+        v = 0.5 * A[tuple(src)]
+        for kk in (h,) if half else (h, -h):
+            dst[axis] = kk % n_new
+            out[tuple(dst)] = v
+    return out
+
+
+def _batch_n(F: np.ndarray) -> int:
+    """Box size of a stack of half spectra ``(..., n, n, n//2+1)``."""
+    n = F.shape[-2] if F.ndim >= 3 else -1
+    if n < 1 or F.shape[-3:] != (n, n, n // 2 + 1):
+        raise ValueError(f"expected half spectra of shape (..., n, n, n//2+1), got {F.shape}")
+    return n
+
+
+def _resize_half(F: np.ndarray, n_new: int) -> np.ndarray:
+    n = _batch_n(F)
+    if n_new < 1:
+        raise ValueError(f"n_new must be positive, got {n_new}")
+    if n_new == n:
+        return F.copy()
+    out = _resize_axis(F, F.ndim - 3, n, n_new, half=False)
+    out = _resize_axis(out, F.ndim - 2, n, n_new, half=False)
+    return _resize_axis(out, F.ndim - 1, n, n_new, half=True)
+
+
+def crop_half(F: np.ndarray, n_new: int) -> np.ndarray:
+    """Fourier-crop half spectra of an ``n³`` box to an ``n_new³`` box (``n_new ≤ n``).
+
+    ``F``: complex or real ``(..., n, n, n//2+1)`` (leading axes are a batch, e.g. particles;
+    masks and weights crop the same way). Returns ``(..., n_new, n_new, n_new//2+1)`` of the
+    same dtype holding the unchanged coefficients of every frequency with
+    ``|kz|, |ky|, kx < n_new / 2``; for even ``n_new < n`` the Nyquist planes are zero
+    (``n_new == n`` returns an unchanged copy). See the
+    scaling note above: ``irfft_unitary`` of the result is the low-passed volume on the
+    coarse grid times ``(n / n_new)^{3/2}``; use :func:`resample_volume` for plain values.
+    """
+    F = np.asarray(F)
+    n = _batch_n(F)
+    if n_new > n:
+        raise ValueError(f"crop_half: n_new = {n_new} exceeds the box size {n}; use pad_half")
+    return _resize_half(F, n_new)
+
+
+def pad_half(F: np.ndarray, n_new: int) -> np.ndarray:
+    """Zero-pad half spectra of an ``n³`` box to an ``n_new³`` box (``n_new ≥ n``).
+
+    ``F``: ``(..., n, n, n//2+1)``. Coefficients keep their values and frequency index; new
+    components are zero. For even ``n`` the source's Nyquist coefficients (which stand for
+    both ``+n/2`` and ``-n/2``) are split in halves between the two, so the result is exactly
+    Hermitian and ``irfft_unitary(pad_half(F, m), m)`` is the trigonometric interpolant of
+    ``irfft_unitary(F, n)`` times ``(n / m)^{3/2}``. ``crop_half(pad_half(G, m), n) == G``
+    whenever ``G`` has zero Nyquist planes (e.g. ``G = crop_half(F, n)``).
+    """
+    F = np.asarray(F)
+    n = _batch_n(F)
+    if n_new < n:
+        raise ValueError(f"pad_half: n_new = {n_new} is smaller than the box size {n}; use crop_half")
+    return _resize_half(F, n_new)
+
+
+def resample_volume(vol: np.ndarray, n_new: int) -> np.ndarray:
+    """Resample a centred ``(n, n, n)`` volume to ``(n_new, n_new, n_new)`` by Fourier crop/pad.
+
+    The field of view is unchanged, so the voxel size becomes ``voxel · n / n_new``; the centre
+    ``n // 2`` maps to ``n_new // 2``. Values are those of the band-limited volume at the new
+    sample points (the ``(n_new / n)^{3/2}`` factor of the unitary transform is applied), so
+    the integral ``Σ vol · voxel³`` is preserved. Output dtype follows :func:`irfft_unitary`.
+    """
+    vol = np.asarray(vol)
+    n = _check_cube(vol)
+    F = rfft_unitary(vol)
+    G = crop_half(F, n_new) if n_new <= n else pad_half(F, n_new)
+    out = irfft_unitary(G, n_new)
+    return (out * (n_new / n) ** 1.5).astype(out.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Shells, FSC and the working resolution
+# --------------------------------------------------------------------------------------------
+
+
+def shells_half(n: int) -> np.ndarray:
+    """Shell index ``round(|k|)`` of each half-spectrum component: int32 ``(n, n, n//2+1)``.
+
+    Shell ``s`` has resolution ``n · voxel / s`` Å; shells beyond ``n // 2`` are the corners.
+    """
+    return np.rint(radius_half(n)).astype(np.int32)
+
+
+def fsc(a_half: np.ndarray, b_half: np.ndarray, n: int) -> np.ndarray:
+    """Fourier shell correlation of two half spectra of an ``n³`` box.
+
+    Returns float64 ``(n//2 + 1,)``: shell ``s = round(|k|)`` for ``s = 0 … n//2``, computed
+    over the full spectrum (:func:`half_weights`) as
+    ``Σ Re(a b̄) / sqrt(Σ|a|² Σ|b|²)``; 0 where a shell has no energy.
+    """
+    a_half, b_half = np.asarray(a_half), np.asarray(b_half)
+    _check_half(a_half, n, name="a_half")
+    _check_half(b_half, n, name="b_half")
+    hw = half_weights(n).astype(np.float64).ravel()
+    s = shells_half(n).ravel()
+    a, b = a_half.ravel(), b_half.ravel()
+    nb = n // 2 + 1
+    keep = s < nb
+    s, hw, a, b = s[keep], hw[keep], a[keep], b[keep]
+    num = np.bincount(s, hw * np.real(np.conj(a) * b), minlength=nb)
+    ea = np.bincount(s, hw * np.abs(a) ** 2, minlength=nb)
+    eb = np.bincount(s, hw * np.abs(b) ** 2, minlength=nb)
+    den = np.sqrt(ea * eb)
+    out = np.zeros(nb, dtype=np.float64)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def working_radius(
+    n: int, voxel_size_angstrom: float, max_resolution_angstrom: float | None = None
+) -> float:
+    """Radius (index units of the ``n`` box) of the working set of Fourier components.
+
+    Default (``max_resolution_angstrom=None``): the full box, ``n/2 - 1``. Otherwise
+    ``n · voxel / max_resolution``, capped at ``n/2 - 1``. A resolution finer than Nyquist
+    (``2 · voxel``) or a non-positive size raises ``ValueError``.
+    """
+    full = n / 2.0 - 1.0
+    if voxel_size_angstrom is None or not voxel_size_angstrom > 0:
+        raise ValueError(f"voxel size must be positive, got {voxel_size_angstrom} Å")
+    if max_resolution_angstrom is None:
+        return full
+    if not max_resolution_angstrom > 0:
+        raise ValueError(f"max resolution must be positive, got {max_resolution_angstrom} Å")
+    if max_resolution_angstrom < 2.0 * voxel_size_angstrom * (1.0 - 1e-9):
+        raise ValueError(
+            f"max resolution {max_resolution_angstrom:g} Å is finer than Nyquist "
+            f"({2.0 * voxel_size_angstrom:g} Å for {voxel_size_angstrom:g} Å voxels)"
+        )
+    return min(full, n * voxel_size_angstrom / max_resolution_angstrom)
+
+
+def _is_235(m: int) -> bool:
+    for p in (2, 3, 5):
+        while m % p == 0:
+            m //= p
+    return m == 1
+
+
+def working_box(n: int, radius: float) -> int:
+    """Smallest even, FFT-friendly (factors 2, 3, 5) box ``n_w ≤ n`` with ``radius ≤ n_w/2 - 1``.
+
+    Returns ``n`` itself when no smaller box qualifies (no cropping helps). ``radius`` is in
+    index units, which are the same in the ``n`` and ``n_w`` boxes (coefficients keep their
+    frequency index under :func:`crop_half`).
+    """
+    need = max(2, int(math.ceil(2.0 * (radius + 1.0) - 1e-9)))
+    m = need + (need % 2)
+    while m < n:
+        if _is_235(m):
+            return m
+        m += 2
+    return n
+
+
+def working_mask(n_w: int, radius: float) -> np.ndarray:
+    """Working set of an ``n_w³`` box: bool half spectrum ``(n_w, n_w, n_w//2+1)``, ``|k| ≤ radius``."""
+    return radius_half(n_w) <= radius + 1e-9
+
+
+# --------------------------------------------------------------------------------------------
 # Missing regions
 # --------------------------------------------------------------------------------------------
 
