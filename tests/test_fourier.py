@@ -8,16 +8,6 @@ import pytest
 from mltomo import fourier as ft
 
 
-def _full_from_half(h, n):
-    """Expand a centrosymmetric real half-spectrum array to the full FFT layout (n, n, n)."""
-    full = np.empty((n, n, n), dtype=h.dtype)
-    full[:, :, : n // 2 + 1] = h
-    ix = np.arange(n // 2 + 1, n)
-    mirror = np.roll(np.flip(h, axis=(0, 1)), 1, axis=(0, 1))  # h[-kz, -ky, kx]
-    full[:, :, ix] = mirror[:, :, (n - ix)]
-    return full
-
-
 # ---------------------------------------------------------------- transforms and grids
 
 
@@ -78,7 +68,8 @@ def _band_energy_full(x, n_new):
     n = x.shape[0]
     X = np.fft.fftn(x) / n**1.5
     k = np.abs(np.round(np.fft.fftfreq(n) * n))
-    band = (k[:, None, None] < n_new / 2) & (k[None, :, None] < n_new / 2) & (k[None, None, :] < n_new / 2)
+    inb = k < n_new / 2
+    band = inb[:, None, None] & inb[None, :, None] & inb[None, None, :]
     return (np.abs(X[band]) ** 2).sum()
 
 
@@ -128,7 +119,8 @@ def test_pad_crop_round_trip_and_interpolation(n, n_new):
     Gz = _zero_nyquist(G, n)
     np.testing.assert_allclose(ft.crop_half(ft.pad_half(Gz, n_new), n), Gz, atol=0)
     hw = ft.half_weights
-    assert np.isclose((hw(n_new) * abs(ft.pad_half(Gz, n_new)) ** 2).sum(), (hw(n) * abs(Gz) ** 2).sum())
+    energy_padded = (hw(n_new) * abs(ft.pad_half(Gz, n_new)) ** 2).sum()
+    assert np.isclose(energy_padded, (hw(n) * abs(Gz) ** 2).sum())
     # trigonometric interpolation: the padded volume passes through the original samples
     # irfft of the padded spectrum is the interpolant scaled by (n / n_new)^{3/2}: its mean is
     # the original mean times that factor (DC coefficient unchanged)

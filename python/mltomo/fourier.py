@@ -16,6 +16,10 @@ Conventions (the contract of SPEC.md §1; every other module relies on them)
   ``kx = 0`` and, for even ``n``, ``kx = n/2`` count once and all others twice:
   ``Σ_full f(X) = Σ_half half_weights(n) · f(X)`` for any ``f`` with ``f(X̄) = f(X)``
   (``|X|²``, ``Re(X̄ Y)``, a centrosymmetric mask, …). See :func:`half_weights`.
+* Fourier cropping (:func:`crop_half`, :func:`pad_half`) keeps each coefficient's value at
+  the same integer frequency, so sums over a working set mean the same in the cropped box;
+  the inverse transform of a cropped spectrum is then scaled by ``(n / n_new)^{3/2}``, which
+  :func:`resample_volume` removes.
 * Missing regions are defined in the particle (tomogram) frame with the beam along ``z``;
   see :class:`MissingRegion` for the exact sign conventions. Masks are float32 0/1 arrays in
   the half-spectrum layout, ``1`` = observed, and are exactly centrosymmetric
@@ -227,9 +231,9 @@ def crop_half(F: np.ndarray, n_new: int) -> np.ndarray:
     masks and weights crop the same way). Returns ``(..., n_new, n_new, n_new//2+1)`` of the
     same dtype holding the unchanged coefficients of every frequency with
     ``|kz|, |ky|, kx < n_new / 2``; for even ``n_new < n`` the Nyquist planes are zero
-    (``n_new == n`` returns an unchanged copy). See the
-    scaling note above: ``irfft_unitary`` of the result is the low-passed volume on the
-    coarse grid times ``(n / n_new)^{3/2}``; use :func:`resample_volume` for plain values.
+    (``n_new == n`` returns an unchanged copy). See the scaling note above:
+    ``irfft_unitary`` of the result is the low-passed volume on the coarse grid times
+    ``(n / n_new)^{3/2}``; use :func:`resample_volume` for plain values.
     """
     F = np.asarray(F)
     n = _batch_n(F)
@@ -246,12 +250,14 @@ def pad_half(F: np.ndarray, n_new: int) -> np.ndarray:
     both ``+n/2`` and ``-n/2``) are split in halves between the two, so the result is exactly
     Hermitian and ``irfft_unitary(pad_half(F, m), m)`` is the trigonometric interpolant of
     ``irfft_unitary(F, n)`` times ``(n / m)^{3/2}``. ``crop_half(pad_half(G, m), n) == G``
-    whenever ``G`` has zero Nyquist planes (e.g. ``G = crop_half(F, n)``).
+    whenever ``G`` has zero Nyquist planes (e.g. ``G = crop_half(F, n)`` from a larger box).
     """
     F = np.asarray(F)
     n = _batch_n(F)
     if n_new < n:
-        raise ValueError(f"pad_half: n_new = {n_new} is smaller than the box size {n}; use crop_half")
+        raise ValueError(
+            f"pad_half: n_new = {n_new} is smaller than the box size {n}; use crop_half"
+        )
     return _resize_half(F, n_new)
 
 
@@ -341,7 +347,7 @@ def _is_235(m: int) -> bool:
 
 
 def working_box(n: int, radius: float) -> int:
-    """Smallest even, FFT-friendly (factors 2, 3, 5) box ``n_w ≤ n`` with ``radius ≤ n_w/2 - 1``.
+    """Smallest even FFT-friendly (factors 2, 3, 5) box ``n_w ≤ n`` with ``radius ≤ n_w/2 - 1``.
 
     Returns ``n`` itself when no smaller box qualifies (no cropping helps). ``radius`` is in
     index units, which are the same in the ``n`` and ``n_w`` boxes (coefficients keep their
@@ -357,7 +363,7 @@ def working_box(n: int, radius: float) -> int:
 
 
 def working_mask(n_w: int, radius: float) -> np.ndarray:
-    """Working set of an ``n_w³`` box: bool half spectrum ``(n_w, n_w, n_w//2+1)``, ``|k| ≤ radius``."""
+    """Working set of an ``n_w³`` box: bool ``(n_w, n_w, n_w//2+1)``, true where |k| ≤ radius."""
     return radius_half(n_w) <= radius + 1e-9
 
 
