@@ -207,6 +207,7 @@ def test_working_radius_and_box():
         ft.working_radius(64, 2.0, 3.0)
     with pytest.raises(ValueError):
         ft.working_radius(64, 0.0, 8.0)
+    assert ft.working_radius(63, None) == 30.5  # no resolution given: voxel size not needed
     assert ft.working_box(64, 16.0) == 36  # needs n_w >= 34; 34 = 2·17 is not 2,3,5-smooth
     assert ft.working_box(64, 15.0) == 32
     assert ft.working_box(64, 31.0) == 64

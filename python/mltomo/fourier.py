@@ -322,13 +322,14 @@ def working_radius(
 
     Default (``max_resolution_angstrom=None``): the full box, ``n/2 - 1``. Otherwise
     ``n · voxel / max_resolution``, capped at ``n/2 - 1``. A resolution finer than Nyquist
-    (``2 · voxel``) or a non-positive size raises ``ValueError``.
+    (``2 · voxel``) or a non-positive size raises ``ValueError`` (the voxel size is only
+    needed, and only checked, when a resolution is given).
     """
     full = n / 2.0 - 1.0
-    if voxel_size_angstrom is None or not voxel_size_angstrom > 0:
-        raise ValueError(f"voxel size must be positive, got {voxel_size_angstrom} Å")
     if max_resolution_angstrom is None:
         return full
+    if voxel_size_angstrom is None or not voxel_size_angstrom > 0:
+        raise ValueError(f"voxel size must be positive, got {voxel_size_angstrom} Å")
     if not max_resolution_angstrom > 0:
         raise ValueError(f"max resolution must be positive, got {max_resolution_angstrom} Å")
     if max_resolution_angstrom < 2.0 * voxel_size_angstrom * (1.0 - 1e-9):
