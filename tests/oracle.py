@@ -75,7 +75,7 @@ def oracle_estep(refs_real, particles_real, masks_half, groups, pad, radius, rot
     ks = mats[0][1]
     phases = [np.exp(-2j * np.pi * (ks @ np.asarray(t, float)) / n) for t in shifts]
     T = len(shifts)
-    out = dict(W=np.zeros(K), S=np.zeros((K, P**3), complex), M=np.zeros((K, P**3)),
+    out = dict(W=np.zeros(K), S=np.zeros((K, P**3), complex), M=np.zeros((K, P**3)), Mfull=np.zeros((K, P**3)),
                sum_pd2=0.0, sum_pt2=0.0, log_sum=np.zeros(N), best=[], max_post=np.zeros(N),
                x_norm=np.zeros(N), n_observed=np.zeros(N), posteriors=[])
     for i in range(N):
@@ -123,6 +123,8 @@ def oracle_estep(refs_real, particles_real, masks_half, groups, pad, radius, rot
                     out["sum_pt2"] += p * float(np.dot(shifts[t], shifts[t]))
                     out["S"][k] += p * (A.T @ (np.conj(phases[t]) * w * X))
                     out["M"][k] += p * (A.T @ w)
+                    out["Mfull"][k] += p * A.sum(0)
     out["S"] = out["S"].reshape(K, P, P, P)[..., : P // 2 + 1]
     out["M"] = out["M"].reshape(K, P, P, P)[..., : P // 2 + 1]
+    out["Mfull"] = out["Mfull"].reshape(K, P, P, P)[..., : P // 2 + 1]
     return out

@@ -85,6 +85,7 @@ def test_ml_estep_matches_oracle(seed, nthreads, sigma2, wedge):
     scale = np.abs(ora["S"]).max()
     np.testing.assert_allclose(sums.S, ora["S"], atol=2e-4 * scale)
     np.testing.assert_allclose(sums.M, ora["M"], atol=2e-4 * np.abs(ora["M"]).max())
+    np.testing.assert_allclose(sums.Mfull, ora["Mfull"], atol=2e-4 * np.abs(ora["Mfull"]).max())
     np.testing.assert_allclose(sc.max_post, ora["max_post"], rtol=1e-3, atol=1e-5)
     for i, (k, r, t) in enumerate(ora["best"]):
         assert (sc.best_class[i], sc.best_rot[i], sc.best_shift[i]) == (k, r, t)
@@ -103,6 +104,7 @@ def test_cc_estep_matches_oracle():
     np.testing.assert_allclose(sums.W, ora["W"])
     np.testing.assert_allclose(sums.S, ora["S"], atol=2e-4 * np.abs(ora["S"]).max())
     np.testing.assert_allclose(sums.M, ora["M"], atol=1e-6)
+    np.testing.assert_allclose(sums.Mfull, ora["Mfull"], atol=1e-6)
 
 
 def test_pruning_is_counted_and_nearly_exact():

@@ -95,7 +95,7 @@ py::array_t<cfloat> rotate_forward(py::handle grid, double pad, py::handle rotat
 }
 
 void rotate_back(py::handle values, py::handle weights, double pad, py::handle rotation, double radius, py::handle S,
-                 py::handle M) {
+                 py::handle M, py::object Mfull, double full_weight) {
   const py::ssize_t n = dim(values, 0);
   const cfloat* v = checked<cfloat>(values, "values", {n, n, n / 2 + 1});
   const float* w = checked<float>(weights, "weights", {n, n, n / 2 + 1});
@@ -103,6 +103,7 @@ void rotate_back(py::handle values, py::handle weights, double pad, py::handle r
   const py::ssize_t P = dim(S, 0);
   cdouble* s = checked<cdouble>(S, "S", {P, P, P / 2 + 1}, true);
   double* m = checked<double>(M, "M", {P, P, P / 2 + 1}, true);
+  double* mf = Mfull.is_none() ? nullptr : checked<double>(Mfull, "Mfull", {P, P, P / 2 + 1}, true);
   const mltomo::WorkingSet ws = mltomo::make_working_set(static_cast<int>(n), radius);
   const mltomo::PaddedGeometry geo{static_cast<int>(P), pad};
   if (pad * radius + 1 > P / 2.0) throw py::value_error("S too small for pad and radius");
@@ -114,18 +115,21 @@ void rotate_back(py::handle values, py::handle weights, double pad, py::handle r
     wts[j] = w[ws.index[j]];
   }
   std::vector<cdouble> s_tmp(geo.half_size(), cdouble(0, 0));
-  std::vector<double> m_tmp(geo.half_size(), 0.0);
-  mltomo::scatter(vals.data(), wts.data(), geo, R, ws, s_tmp.data(), m_tmp.data());
+  std::vector<double> m_tmp(geo.half_size(), 0.0), f_tmp(mf ? geo.half_size() : 0, 0.0);
+  mltomo::scatter(vals.data(), wts.data(), full_weight, geo, R, ws, s_tmp.data(), m_tmp.data(),
+                  mf ? f_tmp.data() : nullptr);
   mltomo::fold_x0_plane(geo, s_tmp.data(), m_tmp.data());
+  if (mf) mltomo::fold_x0_plane(geo, f_tmp.data());
   for (std::size_t q = 0; q < geo.half_size(); ++q) {
     s[q] += s_tmp[q];
     m[q] += m_tmp[q];
+    if (mf) mf[q] += f_tmp[q];
   }
 }
 
 py::dict estep(py::handle refs, double pad, py::handle particles, py::handle masks, py::handle groups, double radius,
                py::handle rotations, py::handle shifts, py::handle log_prior_shift, py::handle log_alpha,
-               double sigma2, py::handle W, py::handle S, py::handle M, py::handle sums, py::handle best_class,
+               double sigma2, py::handle W, py::handle S, py::handle M, py::handle Mfull, py::handle sums, py::handle best_class,
                py::handle best_rot, py::handle best_shift, py::handle max_post, py::handle n_significant,
                py::handle log_sum, py::handle x_norm, py::handle n_observed, py::object rot_mask, int mode,
                double prune, int nthreads, int rot_block) {
@@ -163,6 +167,7 @@ py::dict estep(py::handle refs, double pad, py::handle particles, py::handle mas
   out.W = checked<double>(W, "W", {K}, true);
   out.S = checked<cdouble>(S, "S", {K, P, P, P / 2 + 1}, true);
   out.M = checked<double>(M, "M", {K, P, P, P / 2 + 1}, true);
+  out.Mfull = checked<double>(Mfull, "Mfull", {K, P, P, P / 2 + 1}, true);
   out.sums = checked<double>(sums, "sums", {2}, true);
   out.best_class = checked<std::int32_t>(best_class, "best_class", {N}, true);
   out.best_rot = checked<std::int32_t>(best_rot, "best_rot", {N}, true);
@@ -219,10 +224,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("rotate_forward", &rotate_forward, py::arg("grid"), py::arg("pad"), py::arg("rotation"), py::arg("n"),
         py::arg("radius"));
   m.def("rotate_back", &rotate_back, py::arg("values"), py::arg("weights"), py::arg("pad"), py::arg("rotation"),
-        py::arg("radius"), py::arg("S"), py::arg("M"));
+        py::arg("radius"), py::arg("S"), py::arg("M"), py::arg("Mfull") = py::none(), py::arg("full_weight") = 1.0);
   m.def("estep", &estep, py::arg("refs"), py::arg("pad"), py::arg("particles"), py::arg("masks"), py::arg("groups"),
         py::arg("radius"), py::arg("rotations"), py::arg("shifts"), py::arg("log_prior_shift"), py::arg("log_alpha"),
-        py::arg("sigma2"), py::arg("W"), py::arg("S"), py::arg("M"), py::arg("sums"), py::arg("best_class"),
+        py::arg("sigma2"), py::arg("W"), py::arg("S"), py::arg("M"), py::arg("Mfull"), py::arg("sums"), py::arg("best_class"),
         py::arg("best_rot"), py::arg("best_shift"), py::arg("max_post"), py::arg("n_significant"),
         py::arg("log_sum"), py::arg("x_norm"), py::arg("n_observed"), py::arg("rot_mask") = py::none(),
         py::arg("mode") = 0, py::arg("prune") = 1e-8, py::arg("nthreads") = 0, py::arg("rot_block") = 32);

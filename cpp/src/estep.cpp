@@ -119,7 +119,7 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
 
   // Per-thread accumulators, reduced in thread order at the end.
   std::vector<std::vector<cdouble>> accS(nt);
-  std::vector<std::vector<double>> accM(nt), accW(nt), accSums(nt);
+  std::vector<std::vector<double>> accM(nt), accF(nt), accW(nt), accSums(nt);
 
   std::vector<ParticleData> pdata(N);
   std::vector<Candidates> cands(N);
@@ -163,6 +163,7 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
     std::vector<double> post(T);
     accS[tid].assign(static_cast<std::size_t>(K) * half_P, cdouble(0, 0));
     accM[tid].assign(static_cast<std::size_t>(K) * half_P, 0.0);
+    accF[tid].assign(static_cast<std::size_t>(K) * half_P, 0.0);
     accW[tid].assign(K, 0.0);
     accSums[tid].assign(2, 0.0);
 
@@ -365,6 +366,7 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
     // what, and in which order, depends only on the sizes and the thread count.
     cdouble* S_t = accS[tid].data();
     double* M_t = accM[tid].data();
+    double* F_t = accF[tid].data();
     std::vector<cdouble> ysum(J);
     std::vector<double> msum(J);
 #pragma omp for schedule(static, 1)
@@ -374,6 +376,7 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
       const int k = kr / R, r = kr % R;
       std::fill(ysum.begin(), ysum.end(), cdouble(0, 0));
       std::fill(msum.begin(), msum.end(), 0.0);
+      double pfull = 0;
       for (std::int64_t e = e0; e < e1; ++e) {
         const int i = entries[e].particle;
         const ParticleData& d = pdata[i];
@@ -405,6 +408,7 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
           }
         }
         accW[tid][k] += pkr;
+        pfull += pkr;
         accSums[tid][0] += pd2;
         accSums[tid][1] += pt2;
         // phi_j = sum_t P_t exp(+2 pi i k_j . t / n) undoes the shifts.
@@ -438,7 +442,8 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
         }
       }
       const std::size_t off = static_cast<std::size_t>(k) * half_P;
-      scatter(ysum.data(), msum.data(), g, pb.rotations + 9 * static_cast<std::size_t>(r), ws, S_t + off, M_t + off);
+      scatter(ysum.data(), msum.data(), pfull, g, pb.rotations + 9 * static_cast<std::size_t>(r), ws, S_t + off,
+              M_t + off, F_t + off);
     }
 #pragma omp single
     t_acc += omp_get_wtime();
@@ -453,19 +458,23 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
   for (int k = 0; k < K; ++k) {
     const std::size_t off = static_cast<std::size_t>(k) * half_P;
     std::vector<cdouble> s(half_P, cdouble(0, 0));
-    std::vector<double> m(half_P, 0.0);
+    std::vector<double> m(half_P, 0.0), f(half_P, 0.0);
     for (int tid = 0; tid < nt; ++tid) {
       const cdouble* a = accS[tid].data() + off;
       const double* b = accM[tid].data() + off;
+      const double* c = accF[tid].data() + off;
       for (std::size_t q = 0; q < half_P; ++q) {
         s[q] += a[q];
         m[q] += b[q];
+        f[q] += c[q];
       }
     }
     fold_x0_plane(g, s.data(), m.data());
+    fold_x0_plane(g, f.data());
     for (std::size_t q = 0; q < half_P; ++q) {
       out.S[off + q] += s[q];
       out.M[off + q] += m[q];
+      out.Mfull[off + q] += f[q];
     }
   }
   cnt.samples = samples;

@@ -60,8 +60,8 @@ void gather(const cfloat* grid, const PaddedGeometry& g, const double R[9], cons
   }
 }
 
-void scatter(const cdouble* values, const double* weights, const PaddedGeometry& g, const double R[9],
-             const WorkingSet& ws, cdouble* accS, double* accM) {
+void scatter(const cdouble* values, const double* weights, double full_weight, const PaddedGeometry& g,
+             const double R[9], const WorkingSet& ws, cdouble* accS, double* accM, double* accF) {
   const std::size_t J = ws.size();
   for (std::size_t j = 0; j < J; ++j) {
     const double sf = ws.scatter_factor[j];
@@ -82,6 +82,10 @@ void scatter(const cdouble* values, const double* weights, const PaddedGeometry&
       const double m = sf * weights[j];
       if (m != 0)
         for (int q = 0; q < 8; ++q) accM[c.base + off[q]] += w[q] * m;
+    }
+    if (accF && full_weight != 0) {
+      const double m = sf * full_weight;
+      for (int q = 0; q < 8; ++q) accF[c.base + off[q]] += w[q] * m;
     }
   }
 }
@@ -108,5 +112,7 @@ void fold_x0_plane(const PaddedGeometry& g, cdouble* accS, double* accM) {
       if (accM) accM[i] += m0[mi];
     }
 }
+
+void fold_x0_plane(const PaddedGeometry& g, double* acc) { fold_x0_plane(g, nullptr, acc); }
 
 }  // namespace mltomo

@@ -22,19 +22,22 @@ MODES = {"ml": 0, "cc": 1}
 class Sums:
     """Sufficient statistics of one E-step; chunks, threads and MPI ranks add them up.
 
-    ``S`` and ``M`` live on the padded half-spectrum grid of the references (see
-    :mod:`mltomo.reference`): ``S_k = Σ P R⁻¹[e^{+2πik·t} w X]``, ``M_k = Σ P R⁻¹[w]``.
+    ``S``, ``M`` and ``Mfull`` live on the padded half-spectrum grid of the references (see
+    :mod:`mltomo.reference`): ``S_k = Σ P R⁻¹[e^{+2πik·t} w X]``, ``M_k = Σ P R⁻¹[w]`` and
+    ``Mfull_k = Σ P R⁻¹[1]``, the weight fully observed particles would leave at each grid
+    point (it equals ``W_k`` when rotations land on grid points).
     """
 
     W: np.ndarray  # (K,) float64: Σ_i Σ_{r,t} P_i(k,r,t)
     S: np.ndarray  # (K, P, P, P//2+1) complex128
     M: np.ndarray  # (K, P, P, P//2+1) float64
+    Mfull: np.ndarray  # (K, P, P, P//2+1) float64
     scalars: np.ndarray = field(default_factory=lambda: np.zeros(2))  # [Σ P d², Σ P |t|²]
 
     @classmethod
     def zeros(cls, K: int, P: int) -> "Sums":
         shape = (K, P, P, P // 2 + 1)
-        return cls(np.zeros(K), np.zeros(shape, np.complex128), np.zeros(shape), np.zeros(2))
+        return cls(np.zeros(K), np.zeros(shape, np.complex128), np.zeros(shape), np.zeros(shape), np.zeros(2))
 
     @property
     def sum_pd2(self) -> float:
@@ -46,7 +49,7 @@ class Sums:
 
     def buffers(self):
         """The arrays an MPI ``Allreduce(SUM)`` must add, in a fixed order."""
-        return [self.W, self.S, self.M, self.scalars]
+        return [self.W, self.S, self.M, self.Mfull, self.scalars]
 
 
 @dataclass
@@ -136,7 +139,7 @@ def estep(
         out = ParticleScores.empty(b - a)
         c = _core.estep(
             refs, float(pad), particles[a:b], masks, groups[a:b], float(radius), rotations, shifts,
-            log_prior_shift, log_alpha, float(sigma2), sums.W, sums.S, sums.M, sums.scalars,
+            log_prior_shift, log_alpha, float(sigma2), sums.W, sums.S, sums.M, sums.Mfull, sums.scalars,
             out.best_class, out.best_rot, out.best_shift, out.max_post, out.n_significant,
             out.log_sum, out.x_norm, out.n_observed,
             rot_mask=None if rot_mask is None else rot_mask[a:b],

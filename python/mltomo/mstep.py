@@ -49,9 +49,12 @@ def update_references(refs, sums, *, mode="ml", pad=2.0, gridding=True, impute_i
                       wa_threshold=0.1, theta=0.0):
     """New references ``(K, n, n, n)`` float64 from the old ones and the sums.
 
-    ``mode="ml"``: ``A ← A + (S − M⊙A)/W`` repeated ``impute_iter`` times (missing components
-    are filled with the current model); ``"ml-wa"``/``"cc"``: ``A = S/M`` where the per-component
-    weight ``M·pad³`` exceeds ``wa_threshold``, else 0. With ``theta > 0`` the exact maximiser of
+    ``mode="ml"``: ``A ← A + (S − M⊙A)/Mfull`` repeated ``impute_iter`` times (missing
+    components are filled with the current model; on the padded grid the scalar ``W_k`` of the
+    SPEC becomes ``Mfull_k``, the weight fully observed particles leave at each grid point, which
+    is ``W_k`` for rotations that land on grid points); ``"ml-wa"``/``"cc"``: ``A = S/M`` where
+    the number of particles that observed the component, ``M·W/Mfull``, exceeds
+    ``wa_threshold``, else 0. With ``theta > 0`` the exact maximiser of
     the regularised target (paper eq. 11) is used: ``A_k = (T_k + θΣ_l A_l)/(W_k + Kθ)``.
     """
     refs = np.asarray(refs, dtype=np.float64)
@@ -66,8 +69,11 @@ def update_references(refs, sums, *, mode="ml", pad=2.0, gridding=True, impute_i
                 continue
             B0 = _to_grid(refs[k], pad, Pw, g)
             B = B0
+            F = sums.Mfull[k]
+            seen = F > 1e-9 * F.max()
+            inv = np.where(seen, 1.0 / np.where(seen, F, 1.0), 0.0)
             for _ in range(max(1, int(impute_iter))):
-                B = B + (sums.S[k] - sums.M[k] * B) / W[k]
+                B = B + (sums.S[k] - sums.M[k] * B) * inv
             unreg[k] = refs[k] + _from_grid(B - B0, n, pad, g)
         if theta <= 0 or K < 2:
             return unreg
@@ -76,10 +82,11 @@ def update_references(refs, sums, *, mode="ml", pad=2.0, gridding=True, impute_i
         total = (T / denom[:, None, None, None]).sum(0) / (1.0 - theta * np.sum(1.0 / denom))
         return (T + theta * total[None]) / denom[:, None, None, None]
     if mode in ("ml-wa", "cc"):
-        scale = float(pad) ** 3  # M per padded grid point -> observations per component
+        scale = float(pad) ** 3  # grid weights are ~1/pad³ of the particle counts
         th = theta / scale
-        Mc = sums.M * scale
-        ok = Mc > wa_threshold
+        F = sums.Mfull
+        counts = sums.M * np.where(F > 0, W[:, None, None, None] / np.where(F > 0, F, 1.0), 0.0)
+        ok = counts > wa_threshold
         if th > 0 and K >= 2:
             denom = sums.M + K * th
             total = (sums.S / denom).sum(0) / (1.0 - th * np.sum(1.0 / denom, axis=0))

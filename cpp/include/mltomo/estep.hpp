@@ -61,11 +61,12 @@ struct EStepResult {
   double* log_sum = nullptr;
   double* x_norm = nullptr;
   double* n_observed = nullptr;
-  // Accumulators, added into: W (K), S (K, P, P, P/2+1) complex, M (same, real),
+  // Accumulators, added into: W (K), S (K, P, P, P/2+1) complex, M and Mfull (same, real),
   // sums[0] = sum P d^2, sums[1] = sum P |t|^2 (working voxels^2).
   double* W = nullptr;
   cdouble* S = nullptr;
   double* M = nullptr;
+  double* Mfull = nullptr;  // (K, P, P, P/2+1): sum P R^{-1}[1], the weights of fully observed particles
   double* sums = nullptr;
 };
 

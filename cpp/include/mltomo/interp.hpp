@@ -29,13 +29,15 @@ struct PaddedGeometry {
 void gather(const cfloat* grid, const PaddedGeometry& g, const double R[9], const WorkingSet& ws, cfloat* out);
 
 // Adjoint of gather (with WorkingSet::scatter_factor), before the x = 0 fold:
-// accS[nbr] += w_nbr * values[j] (conjugated where p was mirrored) and accM[nbr] += w_nbr *
-// weights[j]. Either side may be null.
-void scatter(const cdouble* values, const double* weights, const PaddedGeometry& g, const double R[9],
-             const WorkingSet& ws, cdouble* accS, double* accM);
+// accS[nbr] += w_nbr * values[j] (conjugated where p was mirrored), accM[nbr] += w_nbr *
+// weights[j] and accF[nbr] += w_nbr * full_weight (the weight a fully observed particle would
+// leave: the M-step's per-grid-point count of observations). Any of them may be null.
+void scatter(const cdouble* values, const double* weights, double full_weight, const PaddedGeometry& g,
+             const double R[9], const WorkingSet& ws, cdouble* accS, double* accM, double* accF);
 
 // Completes the adjoint on the stored x = 0 plane: a sample near px = 0 also touches the
 // mirrored, conjugated neighbours there. S[0,y,z] += conj(S[0,-y,-z]); M likewise.
 void fold_x0_plane(const PaddedGeometry& g, cdouble* accS, double* accM);
+void fold_x0_plane(const PaddedGeometry& g, double* acc);
 
 }  // namespace mltomo
