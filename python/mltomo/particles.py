@@ -166,3 +166,25 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
         prior_shifts_angstrom=cols(("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst")),
         prior_classes=prior_classes,
     )
+
+
+def particles_from_arrays(volumes, voxel_size_angstrom: float, missing="none", names=None) -> Particles:
+    """Particles from in-memory volumes ``(N, n, n, n)`` sharing one missing region (e.g. a
+    :class:`mltomo.simulate.SimulatedData`'s ``volumes`` and ``missing_region``)."""
+    from mltomo.fourier import missing_region_mask, parse_missing_region, rfft_unitary
+
+    vols = np.asarray(volumes, dtype=np.float32)
+    if vols.ndim != 4 or len(set(vols.shape[1:])) != 1:
+        raise ValueError(f"volumes must be (N, n, n, n), got {vols.shape}")
+    if not np.all(np.isfinite(vols)):
+        raise ValueError("volumes contain NaN or infinite voxels")
+    N, n = vols.shape[0], vols.shape[1]
+    label = str(parse_missing_region(missing))
+    mask = missing_region_mask(label, n)
+    spectra = np.stack([rfft_unitary(v) for v in vols]).astype(np.complex64)
+    return Particles(
+        spectra=spectra, masks=mask[None].astype(np.float32), groups=np.zeros(N, np.int32),
+        region_labels=(label,), voxel_size_angstrom=float(voxel_size_angstrom),
+        names=tuple(names) if names is not None else tuple(f"particle{i + 1}" for i in range(N)),
+        indices=np.arange(N), n_total=N,
+    )

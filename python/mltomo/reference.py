@@ -59,7 +59,7 @@ def volume_from_padded(F: np.ndarray, n: int, pad: float, gridding: bool = True)
     P = F.shape[0]
     if F.shape != (P, P, P // 2 + 1):
         raise ValueError(f"padded transform has shape {F.shape}, expected ({P}, {P}, {P // 2 + 1})")
-    big = np.fft.fftshift(np.fft.irfftn(F * n**1.5, s=(P, P, P)))
+    big = np.fft.fftshift(np.fft.irfftn(F * n**1.5, s=(P, P, P), axes=(0, 1, 2)))
     o = P // 2 - n // 2
     vol = big[o : o + n, o : o + n, o : o + n]
     if gridding:
