@@ -214,6 +214,38 @@ def _reg_energy(refs, geo: Geometry) -> float:
     return e
 
 
+def check_inputs(particles, config: Config, comm=None) -> None:
+    """Raise ``ValueError`` (one line naming the option or file) for what :func:`run_em` cannot
+    use: mode, symmetry, more classes than particles, a focused mask of the wrong box, a particle
+    whose missing region leaves nothing observed inside the working resolution. Collective (every
+    rank raises) and cheap: call it before creating any output; ``run_em`` calls it first."""
+    comm = comm or SerialComm()
+    if config.mode not in ("ml", "ml-wa", "cc"):
+        raise ValueError(f"unknown mode {config.mode!r}: use ml, ml-wa or cc")
+    geometry.symmetry_group(config.sym)
+    n = particles.box
+    K = config.n_classes
+    N = particles.n_total
+    if K > N:
+        raise ValueError(f"{K} classes for {N} particles: need at least one particle per class")
+    if config.mask:
+        from mltomo.io import read_volume
+
+        focus, _ = read_volume(config.mask)
+        if focus.shape != (n, n, n):
+            raise ValueError(f"{config.mask}: mask is {focus.shape[0]}³, particles are {n}³")
+    geo = Geometry(n, particles.voxel_size_angstrom, config)
+    masks_w = _crop(particles.masks, geo.n_w)
+    n_obs_group = np.array([geo.working_sum((m > 0).astype(np.float64)) for m in masks_w])
+    n_obs = n_obs_group[particles.groups]
+    err = None
+    if np.any(n_obs <= 1):
+        bad = int(np.argmin(n_obs))
+        err = (f"{particles.names[bad]}: missing region {particles.region_labels[particles.groups[bad]]} leaves no "
+               f"observed components inside the working resolution")
+    comm.check(err)
+
+
 def run_em(particles, config: Config, *, refs=None, comm=None, out_dir=None, callback=None,
            start_model: Model | None = None, start_results: ParticleResults | None = None,
            progress=None) -> RefineResult:
@@ -229,16 +261,13 @@ def run_em(particles, config: Config, *, refs=None, comm=None, out_dir=None, cal
         progress: optional factory ``progress(total, desc) -> object with update(n), close()``.
     """
     comm = comm or SerialComm()
-    if config.mode not in ("ml", "ml-wa", "cc"):
-        raise ValueError(f"unknown mode {config.mode!r}: use ml, ml-wa or cc")
+    check_inputs(particles, config, comm)
     n = particles.box
     voxel = particles.voxel_size_angstrom
     geo = Geometry(n, voxel, config)
     group = geometry.symmetry_group(config.sym)
     K = config.n_classes
     N = particles.n_total
-    if K > N:
-        raise ValueError(f"{K} classes for {N} particles: need at least one particle per class")
     spectra_w = _crop(particles.spectra, geo.n_w)
     masks_w = _crop(particles.masks, geo.n_w).astype(np.float32)
     sphere = None
@@ -249,18 +278,10 @@ def run_em(particles, config: Config, *, refs=None, comm=None, out_dir=None, cal
         from mltomo.io import read_volume
 
         focus, _ = read_volume(config.mask)
-        if focus.shape != (n, n, n):
-            raise ValueError(f"{config.mask}: mask is {focus.shape[0]}³, particles are {n}³")
 
     # Per-particle missing-region statistics over the working set.
     n_obs = np.array([geo.working_sum((masks_w[g] > 0).astype(np.float64)) for g in particles.groups])
     sum_observed = comm.sum(float(n_obs.sum()))
-    err = None
-    if np.any(n_obs <= 1):
-        bad = int(np.argmin(n_obs))
-        err = (f"{particles.names[bad]}: missing region {particles.region_labels[particles.groups[bad]]} leaves no "
-               f"observed components inside the working resolution")
-    comm.check(err)
 
     if start_model is not None:
         model = start_model

@@ -31,12 +31,12 @@ class ParticleTableError(ValueError):
 
 
 def _particle_block(blocks, path):
-    if "particles" in blocks and hasattr(blocks["particles"], "columns"):
+    tables = [b for b in blocks.values() if hasattr(b, "columns") and "rlnImageName" in b.columns]
+    if "particles" in blocks and any(b is blocks["particles"] for b in tables):
         return blocks["particles"]
-    for name, b in blocks.items():
-        if hasattr(b, "columns") and "rlnImageName" in b.columns:
-            return b
-    raise ParticleTableError(f"{path}: no table with an rlnImageName column")
+    if tables:
+        return tables[0]
+    raise ParticleTableError(f"{path}: no loop_ table with an rlnImageName column")
 
 
 def read_particles(star_path, *, missing: str = "none", weight_threshold: float | None = None,
@@ -120,8 +120,12 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
                         masks[label] = missing_region_mask(parse_missing_region(label), box)
                     except ValueError as exc:
                         raise ParticleTableError(f"{name}: missing region {label!r}: {exc}") from exc
+                source = label.removeprefix("weights:")
                 if masks[label].shape != (box, box, box // 2 + 1):
-                    raise ParticleTableError(f"{label}: weight volume does not match the {box}³ particles")
+                    raise ParticleTableError(f"{source}: weight volume does not match the {box}³ particles")
+                if masks[label].sum() <= 1:  # the origin alone (a geometric region keeps a plane)
+                    raise ParticleTableError(f"{source}: missing region of {name} leaves no observed Fourier "
+                                             f"components besides the origin")
             labels.append(label)
             spectra.append(rfft_unitary(vol.astype(np.float32)).astype(np.complex64))
             names.append(name)

@@ -9,9 +9,7 @@ $ mltomo refine --continue run1 --iter 40
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from pathlib import Path
 
 from mltomo.cli import UserError
 
@@ -85,9 +83,62 @@ def config_from_args(args):
     )
 
 
+def check_args(args) -> None:
+    """Reject impossible option values before anything is read or written (one-line UserError)."""
+    import math
+
+    from mltomo.fourier import parse_missing_region
+    from mltomo.geometry import symmetry_group
+
+    def need(ok, option, value, what):
+        if not ok:
+            raise UserError(f"{option} {value}: {what}")
+
+    def positive(option, value, allow_none=True):
+        if value is None and allow_none:
+            return
+        need(value is not None and math.isfinite(value) and value > 0, option, value, "must be a positive number")
+
+    need(args.classes >= 1, "--classes", args.classes, "need at least one class")
+    need(args.iter >= 1, "--iter", args.iter, "need at least one iteration")
+    need(args.threads >= 0, "--threads", args.threads, "must be 0 (all cores) or a positive count")
+    need(args.impute_iter >= 1, "--impute-iter", args.impute_iter, "need at least one imputation iteration")
+    need(args.reg_steps >= 0, "--reg-steps", args.reg_steps, "must not be negative")
+    for option, value in (("--reg0", args.reg0), ("--regF", args.regF), ("--wa-threshold", args.wa_threshold)):
+        need(math.isfinite(value) and value >= 0, option, value, "must be a non-negative number")
+    positive("--angular-sampling", args.angular_sampling, allow_none=False)
+    positive("--angular-range", args.angular_range)
+    positive("--xi0", args.xi0, allow_none=False)
+    positive("--fix-sigma", args.fix_sigma)
+    positive("--initial-lowpass", args.initial_lowpass)
+    positive("--max-resolution", args.max_resolution)
+    positive("--particle-diameter", args.particle_diameter)
+    positive("--eps", args.eps, allow_none=False)
+    if args.max_shift is not None:
+        need(math.isfinite(args.max_shift) and args.max_shift >= 0, "--max-shift", args.max_shift,
+             "must be a non-negative number of voxels")
+    need(math.isfinite(args.padding) and args.padding >= 1, "--padding", args.padding, "must be at least 1")
+    try:
+        symmetry_group(args.sym)
+    except ValueError as exc:
+        raise UserError(f"--sym {args.sym}: {exc}") from None
+    try:
+        parse_missing_region(args.missing)
+    except ValueError as exc:
+        raise UserError(f"--missing {args.missing}: {exc}") from None
+    if args.mask:
+        from mltomo.io import FileFormatError, read_volume
+
+        try:
+            read_volume(args.mask)
+        except FileFormatError as exc:
+            raise UserError(f"--mask: {exc}") from None
+
+
 def run(args) -> int:
     from mltomo.api import refine_files
 
+    check_args(args)
     if args.cont:
         if args.particles or args.out:
             raise UserError("--continue DIR takes no particle table or --out")
