@@ -87,7 +87,10 @@ def refine_files(star, out, config, *, refs=None, continue_dir=None, iterations=
     from mltomo.parallel import RankError, get_comm
     from mltomo.particles import ParticleTableError, read_particles
 
-    comm = get_comm()
+    try:
+        comm = get_comm()
+    except RankError as exc:  # mpi4py and the launcher disagree: each process is alone
+        raise UserError(str(exc)) from exc
     expected = (ParticleTableError, FileFormatError, FileNotFoundError, ValueError, RankError)
     try:
         start_model = start_results = None

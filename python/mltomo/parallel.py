@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 
-_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS", "PMIX_SIZE")
+# World size as set by MPICH/Intel MPI (hydra, srun --mpi=pmi2), Open MPI, PMIx launchers.
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 
 
 class RankError(Exception):
@@ -94,23 +95,41 @@ class MPIComm:
         self.comm.Barrier()
 
 
-def launched_with_mpi() -> bool:
-    """True when an MPI launcher started this process as one of several ranks."""
-    for var in _LAUNCHER_SIZE_VARS[:2] + ("PMIX_SIZE",):
+def launcher_size() -> int:
+    """How many processes an MPI launcher says it started (1 when there is no launcher)."""
+    for var in _LAUNCHER_SIZE_VARS:
         v = os.environ.get(var)
         if v is not None:
             try:
-                return int(v) > 1
+                return max(1, int(v))
             except ValueError:
-                return False
-    return False
+                return 1
+    return 1
+
+
+def launched_with_mpi() -> bool:
+    """True when an MPI launcher started this process as one of several ranks."""
+    return launcher_size() > 1
 
 
 def get_comm():
-    """MPIComm under ``mpiexec -n P`` (P > 1), else SerialComm."""
-    if launched_with_mpi():
-        return MPIComm()
-    return SerialComm()
+    """MPIComm under ``mpiexec -n P`` (P > 1), else SerialComm.
+
+    Raises :class:`RankError` if MPI sees another number of ranks than the launcher started:
+    mpi4py is then built against another MPI, and every process would run the whole
+    refinement alone, writing the same files.
+    """
+    size = launcher_size()
+    if size <= 1:
+        return SerialComm()
+    comm = MPIComm()
+    if comm.size != size:
+        raise RankError(
+            f"the MPI launcher started {size} processes but MPI sees {comm.size}: mpi4py is linked "
+            "to another MPI than this mpiexec (`python -m mpi4py --mpi-library` names it; use the "
+            "matching mpiexec, or srun --mpi=pmi2)"
+        )
+    return comm
 
 
 def split_range(n: int, rank: int, size: int) -> tuple[int, int]:
