@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from mltomo import geometry
-from mltomo.estep import Sums, estep
+from mltomo.estep import ParticleScores, Sums, estep
 from mltomo.model import Config, IterationStats, Model, ParticleResults, RefineResult
 from mltomo.mstep import MStepInputs, update_fractions, update_references, update_sigma2, update_xi2
 from mltomo.parallel import SerialComm
@@ -37,7 +37,12 @@ log = logging.getLogger("mltomo")
 
 
 class Geometry:
-    """Derived, fixed quantities of a run: boxes, working set, shifts."""
+    """Derived, fixed quantities of a run: boxes, working set, shifts.
+
+    Shifts are integer vectors of the working box with every component within ±max_shift
+    (a cube, like the simulator's and the paper's uniform shifts), weighted by the Gaussian
+    prior N(0, ξ²I); the zero shift comes first.
+    """
 
     def __init__(self, n: int, voxel_size: float, config: Config):
         from mltomo import _core
@@ -66,8 +71,7 @@ class Geometry:
         self.max_shift_w = max_shift_w
         r = np.arange(-max_shift_w, max_shift_w + 1)
         tz, ty, tx = np.meshgrid(r, r, r, indexing="ij")
-        t = np.stack([tx.ravel(), ty.ravel(), tz.ravel()], 1)
-        t = t[(t**2).sum(1) <= max_shift_w**2 + 1e-9]
+        t = np.stack([tx.ravel(), ty.ravel(), tz.ravel()], 1)  # every component within ±max_shift
         order = np.lexsort((t[:, 0], t[:, 1], t[:, 2], (t**2).sum(1)))
         self.shifts = np.ascontiguousarray(t[order], dtype=np.int32)  # (T, 3) x, y, z, 0 first
         self.t2 = (self.shifts.astype(np.float64) ** 2).sum(1)
@@ -109,7 +113,7 @@ def lowpass(vol: np.ndarray, radius: float) -> np.ndarray:
     f = np.fft.fftfreq(n) * n
     k2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + np.arange(n // 2 + 1)[None, None, :] ** 2
     F[k2 > radius**2 + 1e-9] = 0
-    return np.fft.irfftn(F, s=vol.shape)
+    return np.fft.irfftn(F, s=vol.shape, axes=(0, 1, 2))
 
 
 def rotate_volume(vol: np.ndarray, R: np.ndarray, pad: float = 2.0) -> np.ndarray:
@@ -119,7 +123,7 @@ def rotate_volume(vol: np.ndarray, R: np.ndarray, pad: float = 2.0) -> np.ndarra
     n = vol.shape[0]
     F = padded_transform(vol, pad, gridding=True)
     H = _core.rotate_forward(F, pad, np.ascontiguousarray(R, dtype=np.float64), n, n / 2 - 1)
-    return np.fft.fftshift(np.fft.irfftn(H, s=(n, n, n), norm="ortho"))
+    return np.fft.fftshift(np.fft.irfftn(H, s=(n, n, n), axes=(0, 1, 2), norm="ortho"))
 
 
 def symmetrize(vol: np.ndarray, group: np.ndarray, pad: float = 2.0) -> np.ndarray:
@@ -132,34 +136,43 @@ def symmetrize(vol: np.ndarray, group: np.ndarray, pad: float = 2.0) -> np.ndarr
 # --------------------------------------------------------------------------- initialisation
 
 
+def seed_classes(config: Config, n_total: int) -> np.ndarray:
+    """The random subset (0-based class) of every particle of a reference-free start."""
+    rng = np.random.default_rng([config.seed, 0, 7])
+    order = rng.permutation(n_total)
+    subset = np.empty(n_total, np.int64)
+    subset[order] = np.arange(n_total) % config.n_classes
+    return subset
+
+
 def initial_references(particles, geo: Geometry, config: Config, comm) -> np.ndarray:
     """Reference-free start (SPEC §5): shuffle (seeded), split into K subsets, place each
-    particle in a uniformly random orientation, weighted-average with threshold τ."""
+    particle in a uniformly random orientation, weighted-average with threshold τ, low-pass
+    (``--initial-lowpass``, default 8 voxels: a random-orientation average holds no signal
+    beyond the lowest frequencies, and its noise there would decide the first assignments)."""
     from mltomo import _core
 
     K = config.n_classes
-    rng = np.random.default_rng([config.seed, 0, 7])
-    order = rng.permutation(particles.n_total)
-    subset = np.empty(particles.n_total, np.int64)
-    subset[order] = np.arange(particles.n_total) % K
-    rots = geometry.random_rotations(particles.n_total, rng)
+    subset = seed_classes(config, particles.n_total)
+    rots = geometry.random_rotations(particles.n_total, np.random.default_rng([config.seed, 0, 8]))
     S = np.zeros((K, geo.P_w, geo.P_w, geo.P_w // 2 + 1), np.complex128)
     M = np.zeros(S.shape)
+    F = np.zeros(S.shape)
     spectra = _crop(particles.spectra, geo.n_w)
     masks = _crop(particles.masks, geo.n_w)
     for j, gi in enumerate(particles.indices):
         k = subset[gi]
         w = masks[particles.groups[j]]
-        _core.rotate_back(np.ascontiguousarray(spectra[j] * w), w, geo.pad, rots[gi], geo.radius, S[k], M[k])
-    comm.allreduce_sum([S, M])
-    sums = Sums(np.ones(K), S, M, np.zeros(2))
+        _core.rotate_back(np.ascontiguousarray(spectra[j] * w), w, geo.pad, rots[gi], geo.radius, S[k], M[k], F[k])
+    W = np.bincount(subset, minlength=K).astype(np.float64)
+    comm.allreduce_sum([S, M, F])
+    sums = Sums(W, S, M, F, np.zeros(2))
     refs0 = np.zeros((K, geo.n, geo.n, geo.n))
     refs = update_references(refs0, sums, mode="ml-wa", pad=geo.pad, gridding=config.gridding,
                              wa_threshold=config.wa_threshold)
-    if config.initial_lowpass_angstrom:
-        r = geo.n * geo.voxel_size / config.initial_lowpass_angstrom
-        refs = np.stack([lowpass(a, r) for a in refs])
-    return refs
+    res = config.initial_lowpass_angstrom or 8.0 * geo.voxel_size
+    r = geo.n * geo.voxel_size / res
+    return np.stack([lowpass(a, r) for a in refs])
 
 
 def initial_sigma2(spectra_w, masks_w, groups, geo: Geometry, comm) -> float:
@@ -305,6 +318,9 @@ def run_em(particles, config: Config, *, refs=None, comm=None, out_dir=None, cal
 
     prev = start_results
     history = []
+    seeds = None
+    if start_model is None and refs is None and K > 1 and not config.no_align:
+        seeds = seed_classes(config, N)[np.asarray(particles.indices)]
     results = start_results
     for it in range(it0 + 1, config.iterations + 1):
         t_start = time.perf_counter()
@@ -318,12 +334,14 @@ def run_em(particles, config: Config, *, refs=None, comm=None, out_dir=None, cal
             log_alpha = np.log(np.asarray(model.alpha, dtype=np.float64))
         lp = geo.log_prior_shift(model.xi2_voxels)
         bar = progress(len(particles), f"iteration {it}") if progress else None
-        sums, scores, counters = estep(
-            Fref, geo.pad, data_w, masks_w, particles.groups, geo.radius, rotations, geo.shifts, lp,
-            log_alpha, model.sigma2, rot_mask=rot_mask, mode="cc" if config.mode == "cc" else "ml",
-            prune=config.prune, nthreads=config.threads, memory_budget_bytes=config.memory_budget_bytes,
-            progress=bar.update if bar else None,
-        )
+        kwargs = dict(mode="cc" if config.mode == "cc" else "ml", prune=config.prune, nthreads=config.threads,
+                      memory_budget_bytes=config.memory_budget_bytes, progress=bar.update if bar else None)
+        if it == 1 and seeds is not None:
+            sums, scores, counters = _estep_seeded(seeds, Fref, geo, data_w, masks_w, particles.groups, rotations, lp,
+                                                   model.sigma2, rot_mask, kwargs)
+        else:
+            sums, scores, counters = estep(Fref, geo.pad, data_w, masks_w, particles.groups, geo.radius, rotations,
+                                           geo.shifts, lp, log_alpha, model.sigma2, rot_mask=rot_mask, **kwargs)
         if bar:
             bar.close()
         t_e = time.perf_counter()
@@ -386,6 +404,34 @@ def run_em(particles, config: Config, *, refs=None, comm=None, out_dir=None, cal
             break
     final = _concat_results(comm.gather(results)) if comm.rank == 0 and results is not None else results
     return RefineResult(model=model, particles=final, history=tuple(history), out_dir=out_dir)
+
+
+def _estep_seeded(seeds, Fref, geo, data_w, masks_w, groups, rotations, lp, sigma2, rot_mask, kwargs):
+    """First iteration of a reference-free start: every particle stays in its random subset
+    (only its pose is searched), so the classes start as aligned averages of random halves
+    instead of a winner-takes-all split between two noisy blobs (RELION seeds classes alike)."""
+    K = len(Fref)
+    P = Fref.shape[1]
+    sums = Sums.zeros(K, P)
+    scores = ParticleScores.empty(len(data_w))
+    counters = None
+    for k in range(K):
+        idx = np.flatnonzero(seeds == k)
+        if len(idx) == 0:
+            continue
+        s, sc, c = estep(Fref[k : k + 1], geo.pad, np.ascontiguousarray(data_w[idx]), masks_w, groups[idx],
+                         geo.radius, rotations, geo.shifts, lp, np.zeros(1), sigma2,
+                         rot_mask=None if rot_mask is None else np.ascontiguousarray(rot_mask[idx]), **kwargs)
+        sums.W[k] += s.W[0]
+        sums.S[k] += s.S[0]
+        sums.M[k] += s.M[0]
+        sums.Mfull[k] += s.Mfull[0]
+        sums.scalars += s.scalars
+        for name in ("best_rot", "best_shift", "max_post", "n_significant", "log_sum", "x_norm", "n_observed"):
+            getattr(scores, name)[idx] = getattr(sc, name)
+        scores.best_class[idx] = k
+        counters = c if counters is None else {key: counters[key] + c[key] for key in c}
+    return sums, scores, counters
 
 
 def format_stats(s: IterationStats) -> str:
