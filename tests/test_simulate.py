@@ -122,17 +122,22 @@ def test_groel_models_common_frame():
 def test_builtin_phantoms_shapes():
     a, b = builtin_phantoms()
     assert b.coords.shape[0] > a.coords.shape[0]
+    # The trans (lower) ring is the same in both; class 2's cis ring is opened and capped.
     in_b = set(map(tuple, np.round(b.coords, 3)))
-    assert all(tuple(x) in in_b for x in np.round(a.coords, 3))  # class 2 = class 1 + cap
+    lower = np.round(a.coords[a.coords[:, 2] < -5], 3)
+    assert all(tuple(x) in in_b for x in lower)
+    upper = np.round(a.coords[a.coords[:, 2] > 40], 3)
+    assert np.mean([tuple(x) in in_b for x in upper]) < 0.5
     width = np.ptp(a.coords[:, :2], axis=0)
     assert np.all((width > 130) & (width < 160))
     assert 140 < np.ptp(a.coords[:, 2]) < 160
-    cap = b.coords[b.coords[:, 2] > a.coords[:, 2].max()]
+    assert np.ptp(b.coords[:, 2]) > np.ptp(a.coords[:, 2]) + 30
+    cap = b.coords[b.coords[:, 2] > 97]
     assert 60 < np.ptp(cap[:, 0]) < 90 and 20 < np.ptp(cap[:, 2]) < 40
-    # They differ clearly at 30 Å: the cap's density is a large part of the difference.
+    # They differ clearly at 30 Å, like the real 1OEL and 1AON maps (~47 %).
     ra = render_points(*a, 24, 10.0, 30.0)
     rb = render_points(*b, 24, 10.0, 30.0)
-    assert np.linalg.norm(rb - ra) / np.linalg.norm(ra) > 0.2
+    assert np.linalg.norm(rb - ra) / np.linalg.norm(ra) > 0.35
 
 
 # ---------------------------------------------------------------- rendering

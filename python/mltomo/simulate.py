@@ -336,27 +336,39 @@ _PROTEIN_ELECTRONS_PER_A3 = 0.44  # so the maps have the scale of PDB maps (weig
 
 
 def _groel_like_spheres(cap: bool) -> list[tuple[float, float, float, float]]:
-    """Spheres ``(x, y, z, radius)`` of the built-in phantoms; the 7-fold axis is ``z``."""
-    # Per subunit of the upper ring: (radius from axis, azimuth offset deg, height, sphere radius)
-    domains = (
+    """Spheres ``(x, y, z, radius)`` of the built-in phantoms; the 7-fold axis is ``z``.
+
+    Class 2 mimics what GroES binding does to GroEL (1AON vs 1OEL): the cis (upper) ring
+    elongates, its apical domains swing up and out, and the dome caps it. As for the real
+    models, the two maps then differ by about 40 % (relative L2 at 25-30 Å), not only by
+    the 8 % of mass GroES adds.
+    """
+    # Per subunit: (radius from axis, azimuth offset deg, height, sphere radius)
+    trans = (
         (45.0, 0.0, 20.0, 20.0),  # equatorial
         (60.0, 8.0, 45.0, 10.0),  # intermediate
         (50.0, 16.0, 60.0, 16.0),  # apical (twisted: the phantom is chiral)
     )
+    cis = (
+        (45.0, 0.0, 20.0, 20.0),
+        (62.0, 14.0, 52.0, 11.0),  # intermediate domain tilted down and out
+        (58.0, 40.0, 80.0, 16.0),  # apical domain raised and twisted (opened cis ring)
+    )
     spheres = []
     for j in range(7):
         phi0 = 360.0 * j / 7.0
-        for r, dphi, z, rad in domains:
+        for r, dphi, z, rad in (cis if cap else trans):
             phi = math.radians(phi0 + dphi)
-            x, y = r * math.cos(phi), r * math.sin(phi)
-            spheres.append((x, y, z, rad))
-            spheres.append((x, -y, -z, rad))  # lower ring: 2-fold about x (GroEL's D7)
+            spheres.append((r * math.cos(phi), r * math.sin(phi), z, rad))
+        for r, dphi, z, rad in trans:  # lower ring: 2-fold about x (GroEL's D7)
+            phi = math.radians(phi0 + dphi)
+            spheres.append((r * math.cos(phi), -r * math.sin(phi), -z, rad))
     spheres.append((72.0, 0.0, 20.0, 9.0))  # a tag on subunit 1 of the upper ring: no symmetry left
-    if cap:  # GroES-like dome on the upper ring: 7 blobs and a roof, ~80 Å wide, ~30 Å tall
+    if cap:  # GroES-like dome on the raised cis ring: 7 blobs and a roof, ~80 Å wide, ~30 Å tall
         for j in range(7):
             phi = math.radians(360.0 * j / 7.0 + 25.0)
-            spheres.append((29.0 * math.cos(phi), 29.0 * math.sin(phi), 87.0, 12.0))
-        spheres.append((0.0, 0.0, 97.0, 13.0))
+            spheres.append((29.0 * math.cos(phi), 29.0 * math.sin(phi), 105.0, 12.0))
+        spheres.append((0.0, 0.0, 115.0, 13.0))
     return spheres
 
 
