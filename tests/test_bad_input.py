@@ -260,10 +260,8 @@ def test_continue_without_a_run(data, capsys, tmp_path):
 # The two cases below are caught by mltomo.em.check_inputs, which needs the particles and so runs
 # after refine_files has created --out and written run_config.json there. They pass once
 # api.refine_files calls check_inputs(particles, config, comm) before creating the directory.
-_AFTER_MKDIR = pytest.mark.xfail(strict=True, reason="api.refine_files creates --out before em.check_inputs runs")
 
 
-@_AFTER_MKDIR
 def test_weight_volume_observing_nothing_at_working_resolution(data, capsys):
     names = [f"particles/p{i + 1}.mrc" for i in range(N)]
     c = np.arange(BOX) - BOX // 2
@@ -274,7 +272,6 @@ def test_weight_volume_observing_nothing_at_working_resolution(data, capsys):
                   "ctf_high.mrc", "working resolution")
 
 
-@_AFTER_MKDIR
 def test_focused_mask_wrong_box(data, capsys):
     write_volume(data / "mask.mrc", np.ones((BOX + 2,) * 3, np.float32), VOXEL)
     _refine_fails(capsys, data, [data / "particles.star", "--mask", data / "mask.mrc"], "mask.mrc", f"{BOX}³")

@@ -22,13 +22,14 @@ def refine(particles, *, out=None, refs=None, comm=None, callback=None, **option
     :class:`~mltomo.model.Config` fields (``n_classes=2, iterations=25, angular_sampling_deg=15,
     missing="wedge_y:-60:60", ...``). With ``out``, the per-iteration files are written there.
     """
-    from mltomo.em import run_em
+    from mltomo.em import check_inputs, run_em
     from mltomo.particles import read_particles
 
     config = Config(**options)
     if isinstance(particles, (str, os.PathLike)):
         particles = read_particles(particles, missing=config.missing, weight_threshold=config.weight_threshold,
                                    comm=comm)
+    check_inputs(particles, config, comm)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
     return run_em(particles, config, refs=refs, comm=comm, out_dir=out, callback=callback)
@@ -75,7 +76,7 @@ def refine_files(star, out, config, *, refs=None, continue_dir=None, iterations=
     rank's message, so a run never hangs.
     """
     from mltomo.cli import UserError
-    from mltomo.em import run_em
+    from mltomo.em import check_inputs, run_em
     from mltomo.io import FileFormatError
     from mltomo.outputs import (
         last_complete_iteration,
@@ -114,6 +115,7 @@ def refine_files(star, out, config, *, refs=None, continue_dir=None, iterations=
         init = None
         if refs:
             init = _read_refs(refs, config, particles)
+        check_inputs(particles, config, comm)  # before anything is written
         if continue_dir:
             last = last_complete_iteration(out)
             if last == 0:
