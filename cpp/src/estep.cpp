@@ -19,6 +19,18 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // A translation map with at most this many kept samples is back-shifted by direct phase sums;
 // wider maps use one forward FFT.
 constexpr int kDirectPhaseMax = 12;
+constexpr int kMaxCachedGroups = 64;
+
+// sum_j h_j w_j |a_j|^2 in double with independent partial sums (a long dependent chain of
+// additions would cost more than the products).
+double weighted_norm(const float* h, const float* w, const cfloat* a, std::size_t J) {
+  double acc[4] = {0, 0, 0, 0};
+  std::size_t j = 0;
+  for (; j + 4 <= J; j += 4)
+    for (int u = 0; u < 4; ++u) acc[u] += double(h[j + u] * w[j + u] * std::norm(a[j + u]));
+  for (; j < J; ++j) acc[0] += double(h[j] * w[j] * std::norm(a[j]));
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
@@ -124,6 +136,14 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
   std::vector<ParticleData> pdata(N);
   std::vector<Candidates> cands(N);
   std::vector<cfloat> rotated(static_cast<std::size_t>(K) * rb * J);
+  // sum_j hweight w_gj |R A|^2 depends on the particle only through its mask group: cache it
+  // per (class, rotation, group) when there are few groups.
+  const bool cache_norms = pb.G <= kMaxCachedGroups;
+  std::vector<double> norm_cache(cache_norms ? static_cast<std::size_t>(K) * rb * pb.G : 0);
+  std::vector<float> group_w(cache_norms ? static_cast<std::size_t>(pb.G) * J : 0);
+  for (int gi = 0; cache_norms && gi < pb.G; ++gi)
+    for (std::size_t j = 0; j < J; ++j)
+      group_w[static_cast<std::size_t>(gi) * J + j] = pb.masks[static_cast<std::size_t>(gi) * half_n + ws.index[j]];
   std::vector<std::uint8_t> needed(rb);
 
   // Phases exp(+2 pi i k_j . t / n) per shift, when they fit in 128 MB: back-shifting a map
@@ -209,8 +229,13 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
       for (int q = 0; q < K * (r1 - r0); ++q) {
         const int k = q / (r1 - r0), r = r0 + q % (r1 - r0);
         if (!needed[r - r0]) continue;
+        cfloat* out_kr = rotated.data() + (static_cast<std::size_t>(k) * rb + (r - r0)) * J;
         gather(pb.refs + static_cast<std::size_t>(k) * half_P, g, pb.rotations + 9 * static_cast<std::size_t>(r), ws,
-               rotated.data() + (static_cast<std::size_t>(k) * rb + (r - r0)) * J);
+               out_kr);
+        if (cache_norms)
+          for (int gi = 0; gi < pb.G; ++gi)
+            norm_cache[(static_cast<std::size_t>(k) * rb + (r - r0)) * pb.G + gi] =
+                weighted_norm(ws.hweight.data(), group_w.data() + static_cast<std::size_t>(gi) * J, out_kr, J);
       }
 #pragma omp single
       {
@@ -228,11 +253,27 @@ EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out) {
           for (int r = r0; r < r1; ++r) {
             if (pb.rot_mask && !pb.rot_mask[static_cast<std::size_t>(i) * R + r]) continue;
             const cfloat* ref = rotated.data() + (static_cast<std::size_t>(k) * rb + (r - r0)) * J;
-            std::memset(static_cast<void*>(cbuf.get()), 0, sizeof(cfloat) * half_n);
+            // Z = w X conj(R A), written sequentially run by run (c2r destroys its input).
+            {
+              std::size_t pos = 0;
+              cfloat* z = cbuf.get();
+              const cfloat* a = d.wx.data();
+              for (const auto& run : ws.runs) {
+                const std::size_t st = static_cast<std::size_t>(run.start);
+                if (st > pos) std::memset(static_cast<void*>(z + pos), 0, sizeof(cfloat) * (st - pos));
+                cfloat* dst = z + st;
+                const cfloat* aa = a + run.j0;
+                const cfloat* bb = ref + run.j0;
+                for (std::int32_t q = 0; q < run.len; ++q) dst[q] = aa[q] * std::conj(bb[q]);
+                pos = st + run.len;
+              }
+              if (pos < half_n) std::memset(static_cast<void*>(z + pos), 0, sizeof(cfloat) * (half_n - pos));
+            }
             double ref_norm = 0, ref_dc = 0, cross_dc = 0;
-            for (std::size_t j = 0; j < J; ++j) {
-              cbuf[ws.index[j]] = d.wx[j] * std::conj(ref[j]);
-              ref_norm += double(ws.hweight[j]) * d.w[j] * std::norm(ref[j]);
+            if (cache_norms) {
+              ref_norm = norm_cache[(static_cast<std::size_t>(k) * rb + (r - r0)) * pb.G + pb.group[i]];
+            } else {
+              ref_norm = weighted_norm(ws.hweight.data(), d.w.data(), ref, J);
             }
             if (cc_mode) {
               // DC is the first component of the working set (index 0).

@@ -33,6 +33,13 @@ WorkingSet make_working_set(int n, double radius) {
       }
     }
   }
+  for (std::size_t j = 0; j < ws.index.size(); ++j) {
+    if (!ws.runs.empty() && ws.runs.back().start + ws.runs.back().len == ws.index[j]) {
+      ++ws.runs.back().len;
+    } else {
+      ws.runs.push_back(WorkingSet::Run{ws.index[j], static_cast<std::int32_t>(j), 1});
+    }
+  }
   return ws;
 }
 

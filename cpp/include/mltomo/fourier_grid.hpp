@@ -21,6 +21,13 @@ struct WorkingSet {
   // of each {k, -k} pair (kx > 0, or kx == 0 with ky > 0 or (ky == 0 and kz > 0)), 1/2 for the
   // self-conjugate DC (fold_x0_plane doubles it), 0 for the other member of a pair.
   std::vector<float> scatter_factor;
+  // Contiguous stretches of the list along x: components j0..j0+len-1 sit at half-spectrum
+  // indices start..start+len-1 (one stretch per (z, y) row), for sequential fills.
+  struct Run {
+    std::int64_t start;
+    std::int32_t j0, len;
+  };
+  std::vector<Run> runs;
   std::size_t size() const { return index.size(); }
   std::size_t half_size() const { return static_cast<std::size_t>(n) * n * (n / 2 + 1); }
 };
