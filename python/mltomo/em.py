@@ -402,7 +402,8 @@ def run_em(particles, config: Config, *, refs=None, comm=None, out_dir=None, cal
         if config.eps and it > 1 and np.all(changes < config.eps):
             log.info(f"converged: every class changed by less than eps={config.eps:g}")
             break
-    final = _concat_results(comm.gather(results)) if comm.rank == 0 and results is not None else results
+    gathered = comm.gather(results) if results is not None else None  # collective: every rank calls it
+    final = _concat_results(gathered) if comm.rank == 0 and gathered is not None else results
     return RefineResult(model=model, particles=final, history=tuple(history), out_dir=out_dir)
 
 
