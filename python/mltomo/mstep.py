@@ -41,8 +41,9 @@ def _to_grid(vol, pad, Pw, g):
 
 
 def _from_grid(B, n, pad, g):
+    """``crop(FT⁻¹ B)/g``: the plain inverse (no kernel of its own), then the correction."""
     P = padded_size(n, pad)
-    return volume_from_padded(uncrop_padded(B, P), n, pad) / g
+    return volume_from_padded(uncrop_padded(B, P), n, pad, gridding=False) / g
 
 
 def update_references(refs, sums, *, mode="ml", pad=2.0, gridding=True, impute_iter=1,
