@@ -3,7 +3,8 @@
 The table is a RELION-style STAR file. Columns used:
 
 * ``rlnImageName`` (required): an MRC/``.em`` volume, or ``n@stack.mrcs``, relative to the
-  STAR file's directory;
+  STAR file's directory (for a run's ``run_itNNN_data.star``: its input table's, see
+  :func:`image_dir`);
 * the missing region of each particle, first found of: ``rlnCtfImage`` (a RELION 3 weight
   volume; observed where the weight exceeds ``--weight-threshold``, default half its maximum),
   ``mltomoMissingRegion`` (text such as ``wedge_y:-60:60``), the region of the particle's
@@ -18,6 +19,8 @@ Each process reads only its own contiguous block of rows.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,23 @@ def _particle_block(blocks, path):
     if tables:
         return tables[0]
     raise ParticleTableError(f"{path}: no loop_ table with an rlnImageName column")
+
+
+def image_dir(star_path) -> Path:
+    """The directory the image names of a particle table are relative to: the table's own, except
+    for a refinement's ``run_itNNN_data.star``, which copies its input table's names unchanged;
+    those are relative to the input table's directory (``run_config.json`` records it), followed
+    through runs continued from such a file."""
+    path = Path(star_path)
+    seen = set()
+    while re.fullmatch(r"run_it\d+_data\.star", path.name) and path not in seen:
+        seen.add(path)
+        try:
+            source = Path(json.loads((path.parent / "run_config.json").read_text())["particles"])
+        except (OSError, ValueError, KeyError, TypeError):
+            break
+        path = source if source.is_absolute() else path.parent / source
+    return path.parent
 
 
 def read_particles(star_path, *, missing: str = "none", weight_threshold: float | None = None,
@@ -62,7 +82,7 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
         error = str(exc)
     comm.check(error)
 
-    star_dir = path.parent
+    star_dir = image_dir(path)
     optics = blocks.get("optics")
     voxel = None
     if optics is not None and hasattr(optics, "columns") and "rlnImagePixelSize" in optics.columns:
