@@ -30,7 +30,8 @@ def add_args(p):
                         "weighted averaging; cc: hard assignment by constrained cross-correlation")
     g.add_argument("--ref", nargs="+", metavar="MRC", help="initial references (one per class; default: reference-free start "
                    "from random subsets in random orientations)")
-    g.add_argument("--initial-lowpass", type=float, metavar="A", help="low-pass the initial references to A Å (paper: 40 for p53)")
+    g.add_argument("--initial-lowpass", type=float, metavar="A", help="low-pass the initial references to A Å (default: none for --ref maps, 8 voxels for a reference-free "
+                   "start; paper: 40 for p53)")
     g.add_argument("--impute-iter", type=int, default=1, help="imputation iterations m in the ML M-step (default 1)")
     g.add_argument("--wa-threshold", type=float, default=0.1,
                    help="tau: weighted averaging sets components observed by fewer than tau particles to 0 (default 0.1, the paper's; "
@@ -38,17 +39,19 @@ def add_args(p):
     g.add_argument("--reg0", type=float, default=5.0, help="initial regularisation (theta = reg*N/K^2; default 5, the paper's)")
     g.add_argument("--regF", type=float, default=0.0, help="final regularisation (default 0, the paper's)")
     g.add_argument("--reg-steps", type=int, default=5, help="iterations over which reg goes from reg0 to regF (default 5)")
-    g.add_argument("--fix-sigma", type=float, metavar="S", help="fix the noise standard deviation to S (the paper's near-delta runs: sigma/100)")
-    g.add_argument("--fix-xi", action="store_true", help="do not update the translation prior width xi")
-    g.add_argument("--fix-fractions", action="store_true", help="do not update the class fractions alpha")
+    g.add_argument("--fix-sigma", type=float, metavar="S", help="fix the noise standard deviation to S (default: estimated every iteration; the paper's near-delta "
+                   "runs: sigma/100)")
+    g.add_argument("--fix-xi", action="store_true", help="do not update the translation prior width xi (default: updated every iteration)")
+    g.add_argument("--fix-fractions", action="store_true", help="do not update the class fractions alpha (default: updated every iteration)")
     g.add_argument("--sym", default="C1", help="point group Cn, Dn, T, O or I (default C1)")
     g = p.add_argument_group("search")
     g.add_argument("--angular-sampling", type=float, default=15.0, help="rotation grid step in degrees (default 15, the paper's)")
     g.add_argument("--angular-range", type=float, metavar="DEG",
-                   help="local search within DEG of each particle's previous pose (paper: 50 with 10 deg sampling)")
-    g.add_argument("--no-perturb", action="store_true", help="do not re-orient the rotation grid randomly every iteration")
-    g.add_argument("--no-rotate", action="store_true", help="keep each particle's rotation; search shifts and classes only")
-    g.add_argument("--no-align", action="store_true", help="keep rotations and shifts (classification only; paper Fig. 1E)")
+                   help="local search within DEG of each particle's previous pose (default: exhaustive search; paper: 50 with "
+                        "10 deg sampling)")
+    g.add_argument("--no-perturb", action="store_true", help="do not re-orient the rotation grid randomly every iteration (default: re-oriented, as in the paper's runs)")
+    g.add_argument("--no-rotate", action="store_true", help="keep each particle's rotation; search shifts and classes only (default: off)")
+    g.add_argument("--no-align", action="store_true", help="keep rotations and shifts (classification only, paper Fig. 1E; default: off)")
     g.add_argument("--max-shift", type=float, metavar="VOX", help="largest shift searched, in voxels (default min(n/4, ceil(3 xi0)))")
     g.add_argument("--xi0", type=float, default=2.0, help="initial translation prior width xi in voxels (default 2)")
     g = p.add_argument_group("data")
@@ -57,15 +60,15 @@ def add_args(p):
                         "wedge_x:A:B, pyramid:YA:YB:XA:XB, cone:T (default none)")
     g.add_argument("--weight-threshold", type=float, help="for rlnCtfImage weight volumes: observed where weight > this (default half the max)")
     g.add_argument("--max-resolution", type=float, metavar="A", help="work to this resolution in Å (crops the Fourier transform; default: full box)")
-    g.add_argument("--particle-diameter", type=float, metavar="A", help="soft spherical mask of this diameter on the references")
-    g.add_argument("--mask", metavar="MRC", help="focused mask multiplied into the references (with --no-align: focused classification)")
+    g.add_argument("--particle-diameter", type=float, metavar="A", help="soft spherical mask of this diameter on the references (default: none)")
+    g.add_argument("--mask", metavar="MRC", help="focused mask multiplied into the references (with --no-align: focused classification; default: none)")
     g.add_argument("--padding", type=float, default=2.0, help="Fourier padding factor of the references (default 2; 3 for particles that fill the box)")
     g = p.add_argument_group("run")
     g.add_argument("--eps", type=float, default=1e-5, help="stop when every class changes by less than this (relative; default 1e-5)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--threads", type=int, default=0, help="threads per process (default: all cores, or OMP_NUM_THREADS)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--verbose", action="store_true", help="debug logging")
+    g.add_argument("--quiet", action="store_true", help="no progress bar (default: a progress bar when stderr is a terminal)")
+    g.add_argument("--verbose", action="store_true", help="debug logging (default: one line per iteration)")
 
 
 def config_from_args(args):
