@@ -108,3 +108,36 @@ def test_exact_rotations_from_true_references_recover_classes_poses_and_shifts()
     for k in range(2):
         rel = np.linalg.norm(res.model.refs[k] - refs[k]) / np.linalg.norm(refs[k])
         assert rel < 0.45, rel
+
+
+def test_prior_classes_and_poses_from_the_table_start_the_references():
+    """A previous run's table (rlnClassNumber + angles + origins) seeds each class with the
+    average of its particles in their poses; without it the start is reference-free."""
+    import dataclasses
+
+    from mltomo.em import Geometry, initial_references
+    from mltomo.geometry import matrix_to_euler
+    from mltomo.parallel import SerialComm
+
+    rng = np.random.default_rng(3)
+    n = 16
+    refs = np.stack([blobs(n, rng), blobs(n, rng)])
+    rots = cube_rotations()
+    parts, cls, ridx, shifts = make_particles(refs, rots, 30, 0.3, rng)
+    angles = np.stack(matrix_to_euler(rots[ridx]), 1)
+    cfg = Config(n_classes=2, padding=1.0, gridding=False, initial_lowpass_angstrom=20.0, max_shift_voxels=1)
+    geo = Geometry(n, 10.0, cfg)
+
+    def corr(a, b):
+        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+    with_priors = dataclasses.replace(parts, prior_classes=cls + 1, prior_angles=angles,
+                                      prior_shifts_angstrom=shifts * 10.0)
+    start = initial_references(with_priors, geo, cfg, SerialComm())
+    for k in range(2):
+        assert corr(start[k], refs[k]) > 0.8
+        assert corr(start[k], refs[k]) > corr(start[k], refs[1 - k]) + 0.2
+    swapped = initial_references(dataclasses.replace(with_priors, prior_classes=2 - cls), geo, cfg, SerialComm())
+    assert corr(swapped[0], refs[1]) > 0.8
+    free = initial_references(parts, geo, cfg, SerialComm())
+    assert max(corr(free[0], refs[0]), corr(free[1], refs[1])) < 0.8

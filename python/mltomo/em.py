@@ -145,27 +145,49 @@ def seed_classes(config: Config, n_total: int) -> np.ndarray:
     return subset
 
 
+def uses_prior_classes(particles, config: Config, comm) -> bool:
+    """Whether the table's classes and poses (a previous run's ``_data.star``) start the run:
+    every particle (on every rank) has an ``rlnClassNumber`` in 1..K and prior angles."""
+    ok = (particles.prior_classes is not None and particles.prior_angles is not None
+          and bool(np.all((particles.prior_classes >= 1) & (particles.prior_classes <= config.n_classes))))
+    return comm.sum(0.0 if ok else 1.0) == 0.0
+
+
 def initial_references(particles, geo: Geometry, config: Config, comm) -> np.ndarray:
-    """Reference-free start (SPEC §5): shuffle (seeded), split into K subsets, place each
-    particle in a uniformly random orientation, weighted-average with threshold τ, low-pass
-    (``--initial-lowpass``, default 8 voxels: a random-orientation average holds no signal
-    beyond the lowest frequencies, and its noise there would decide the first assignments)."""
+    """Starting references without ``--ref``, weighted averages (threshold τ) of the particles,
+    low-passed (``--initial-lowpass``, default 8 voxels: a random-orientation average holds no
+    signal beyond the lowest frequencies, and its noise there would decide the first
+    assignments).
+
+    * From a previous run's table (every particle has a class in 1..K and angles): each class
+      is the average of its particles in their prior poses (shifts undone).
+    * Otherwise reference-free (SPEC §5): shuffle (seeded), split into K subsets and place each
+      particle in a uniformly random orientation.
+    """
     from mltomo import _core
 
     K = config.n_classes
-    subset = seed_classes(config, particles.n_total)
-    rots = geometry.random_rotations(particles.n_total, np.random.default_rng([config.seed, 0, 8]))
+    spectra = _crop(particles.spectra, geo.n_w)
+    masks = _crop(particles.masks, geo.n_w)
+    local = np.asarray(particles.indices)
+    if uses_prior_classes(particles, config, comm):
+        subset_local = particles.prior_classes.astype(np.int64) - 1
+        rots_local = geometry.euler_to_matrix(*np.asarray(particles.prior_angles, dtype=np.float64).T)
+        if particles.prior_shifts_angstrom is not None:
+            spectra = _apply_shifts(spectra, particles.prior_shifts_angstrom / particles.voxel_size_angstrom, geo)
+    else:
+        subset_local = seed_classes(config, particles.n_total)[local]
+        rots_local = geometry.random_rotations(particles.n_total, np.random.default_rng([config.seed, 0, 8]))[local]
     S = np.zeros((K, geo.P_w, geo.P_w, geo.P_w // 2 + 1), np.complex128)
     M = np.zeros(S.shape)
     F = np.zeros(S.shape)
-    spectra = _crop(particles.spectra, geo.n_w)
-    masks = _crop(particles.masks, geo.n_w)
-    for j, gi in enumerate(particles.indices):
-        k = subset[gi]
+    for j in range(len(local)):
+        k = subset_local[j]
         w = masks[particles.groups[j]]
-        _core.rotate_back(np.ascontiguousarray(spectra[j] * w), w, geo.pad, rots[gi], geo.radius, S[k], M[k], F[k])
-    W = np.bincount(subset, minlength=K).astype(np.float64)
-    comm.allreduce_sum([S, M, F])
+        R = np.ascontiguousarray(rots_local[j], dtype=np.float64)
+        _core.rotate_back(np.ascontiguousarray(spectra[j] * w), w, geo.pad, R, geo.radius, S[k], M[k], F[k])
+    W = np.bincount(subset_local, minlength=K).astype(np.float64)
+    comm.allreduce_sum([S, M, F, W])
     sums = Sums(W, S, M, F, np.zeros(2))
     refs0 = np.zeros((K, geo.n, geo.n, geo.n))
     refs = update_references(refs0, sums, mode="ml-wa", pad=geo.pad, gridding=config.gridding,
@@ -319,7 +341,8 @@ def run_em(particles, config: Config, *, refs=None, comm=None, out_dir=None, cal
     prev = start_results
     history = []
     seeds = None
-    if start_model is None and refs is None and K > 1 and not config.no_align:
+    if start_model is None and refs is None and K > 1 and not config.no_align \
+            and not uses_prior_classes(particles, config, comm):
         seeds = seed_classes(config, N)[np.asarray(particles.indices)]
     results = start_results
     for it in range(it0 + 1, config.iterations + 1):
