@@ -31,7 +31,8 @@ WEDGE = "wedge_y:-60:60"
 TIMEOUT = 60  # seconds; a run takes a few
 REFINE = ["--classes", "2", "--iter", "3", "--angular-sampling", "30", "--max-shift", "1",
           "--missing", WEDGE, "--seed", "3", "--threads", "1"]
-# What a rank-0-only run of ``mltomo refine`` does under a file-size limit (a full disk, a quota).
+# ``mltomo refine`` under a file-size limit (as on a full disk, or over quota), for rank 0 only;
+# MPI is initialised before the limit is set because its shared-memory transport makes big files.
 _LIMITED_RANK = ("import resource, sys; import mltomo._core; from mpi4py import MPI; from mltomo.cli import main; "
                  "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)); sys.exit(main(sys.argv[1:]))")
 # Report whether a serial run imported mpi4py.
@@ -54,8 +55,8 @@ def _env(**extra):
 
 def _run(cmd, cwd, **env):
     """Run ``cmd``; on timeout kill its whole process group (mpiexec and every rank) and fail."""
-    p = subprocess.Popen(list(map(str, cmd)), cwd=cwd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+    p = subprocess.Popen(list(map(str, cmd)), cwd=cwd, env=_env(**env), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = p.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
