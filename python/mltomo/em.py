@@ -88,11 +88,7 @@ class Geometry:
 
 def _crop(half: np.ndarray, n_w: int) -> np.ndarray:
     """Fourier-crop half spectra (..., n, n, n//2+1) to the working box (values unchanged)."""
-    if half.shape[-2] == n_w:
-        return np.ascontiguousarray(half)
-    n = half.shape[-2]
-    idx = np.r_[0 : n_w // 2, n - n_w // 2 : n]
-    return np.ascontiguousarray(half[..., idx, :, :][..., :, idx, :][..., : n_w // 2 + 1])
+    return np.ascontiguousarray(crop_padded(half, n_w))
 
 
 # ------------------------------------------------------------------------ reference operations

@@ -68,14 +68,15 @@ def volume_from_padded(F: np.ndarray, n: int, pad: float, gridding: bool = True)
 
 
 def crop_padded(F: np.ndarray, P_new: int) -> np.ndarray:
-    """Keep the frequencies of a padded half spectrum that fit a ``P_new`` box (values unchanged)."""
-    P = F.shape[0]
+    """Keep the frequencies of half spectra ``(..., P, P, P//2+1)`` that fit a ``P_new`` box
+    (values unchanged; any leading axes are kept)."""
+    P = F.shape[-3]
     if P_new == P:
         return F
     if P_new > P or P_new % 2:
         raise ValueError(f"cannot crop a padded grid of {P} to {P_new}")
     idx = np.r_[0 : P_new // 2, P - P_new // 2 : P]
-    return F[np.ix_(idx, idx, np.arange(P_new // 2 + 1))]
+    return F[..., idx, :, :][..., :, idx, :][..., : P_new // 2 + 1]
 
 
 def uncrop_padded(F: np.ndarray, P: int) -> np.ndarray:
