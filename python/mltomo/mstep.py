@@ -46,6 +46,22 @@ def _from_grid(B, n, pad, g):
     return volume_from_padded(uncrop_padded(B, P), n, pad, gridding=False) / g
 
 
+def regularised_average(S, M, theta):
+    """Weighted averages ``B (K, ...)`` that maximise, at every grid point independently,
+    ``−Σ_k (M_k|B_k|² − 2 Re(B̄_k S_k)) − θ Σ_{k<l} |B_k − B_l|²`` (paper eq. 11 with weighted
+    averaging): ``B_k = (S_k + θ Σ_l B_l)/(M_k + Kθ)``, with
+    ``Σ_l B_l = Σ_l (S_l/d_l) / Σ_l (M_l/(K d_l))``, ``d_l = M_l + Kθ`` (the usual denominator
+    ``1 − θ Σ 1/d_l`` written without cancellation). Where no class observed a point (every
+    ``M_l = 0``, so ``S = 0`` too) the maximiser is not unique and every ``B_k`` is 0.
+    """
+    K = S.shape[0]
+    d = M + K * theta
+    den = np.sum(M / (K * d), axis=0)
+    seen = den > 0
+    total = np.where(seen, (S / d).sum(0) / np.where(seen, den, 1.0), 0)
+    return (S + theta * total[None]) / d
+
+
 def update_references(refs, sums, *, mode="ml", pad=2.0, gridding=True, impute_iter=1,
                       wa_threshold=0.1, theta=0.0):
     """New references ``(K, n, n, n)`` float64 from the old ones and the sums.
@@ -89,10 +105,7 @@ def update_references(refs, sums, *, mode="ml", pad=2.0, gridding=True, impute_i
         counts = sums.M * np.where(F > 0, W[:, None, None, None] / np.where(F > 0, F, 1.0), 0.0)
         ok = counts > wa_threshold
         if th > 0 and K >= 2:
-            denom = sums.M + K * th
-            total = (sums.S / denom).sum(0) / (1.0 - th * np.sum(1.0 / denom, axis=0))
-            B = (sums.S + th * total[None]) / denom
-            B = np.where(ok | (th > 0), B, 0)
+            B = regularised_average(sums.S, sums.M, th)
         else:
             B = np.where(ok, sums.S / np.where(ok, sums.M, 1.0), 0)
         return np.stack([_from_grid(B[k], n, pad, g) if W[k] > 0 else refs[k] for k in range(K)])
