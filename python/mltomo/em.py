@@ -157,6 +157,9 @@ def initial_references(particles, geo: Geometry, config: Config, comm) -> np.nda
 
     * From a previous run's table (every particle has a class in 1..K and angles): each class
       is the average of its particles in their prior poses (shifts undone).
+    * With fixed poses (``no_rotate``/``no_align`` and prior angles, e.g. the true poses of a
+      simulation): random subsets (seeded) averaged in those poses (shifts undone); a random
+      orientation would leave the references in no particle's frame for the rest of the run.
     * Otherwise reference-free (SPEC §5): shuffle (seeded), split into K subsets and place each
       particle in a uniformly random orientation.
     """
@@ -166,13 +169,17 @@ def initial_references(particles, geo: Geometry, config: Config, comm) -> np.nda
     spectra = _crop(particles.spectra, geo.n_w)
     masks = _crop(particles.masks, geo.n_w)
     local = np.asarray(particles.indices)
-    if uses_prior_classes(particles, config, comm):
+    prior_classes = uses_prior_classes(particles, config, comm)
+    fixed_poses = (config.no_rotate or config.no_align) and particles.prior_angles is not None
+    if prior_classes:
         subset_local = particles.prior_classes.astype(np.int64) - 1
+    else:
+        subset_local = seed_classes(config, particles.n_total)[local]
+    if prior_classes or fixed_poses:
         rots_local = geometry.euler_to_matrix(*np.asarray(particles.prior_angles, dtype=np.float64).T)
         if particles.prior_shifts_angstrom is not None:
             spectra = _apply_shifts(spectra, particles.prior_shifts_angstrom / particles.voxel_size_angstrom, geo)
     else:
-        subset_local = seed_classes(config, particles.n_total)[local]
         rots_local = geometry.random_rotations(particles.n_total, np.random.default_rng([config.seed, 0, 8]))[local]
     S = np.zeros((K, geo.P_w, geo.P_w, geo.P_w // 2 + 1), np.complex128)
     M = np.zeros(S.shape)

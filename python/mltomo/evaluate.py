@@ -7,7 +7,9 @@
   relates to the found one by ``R_true = R_found Q_k`` (modulo the phantom's symmetry ``g``:
   ``R_true g``). For every found class, ``Q_k`` is the candidate ``R_foundᵀ R_true`` (over the
   class's particles) that minimises the class's median error; the error of a particle is then
-  ``min_g ∠(R_found Q_k, R_true g)`` in degrees.
+  ``min_g ∠(R_found Q_k, R_true g)`` in degrees. Each true class may have a group of its
+  own (GroEL14 is D7, GroEL14-GroES7 only C7): the error of a particle is then taken modulo
+  the group of its true class.
 """
 
 from __future__ import annotations
@@ -27,29 +29,46 @@ def class_purity(true_classes, found_classes) -> float:
     return total / len(true_classes)
 
 
-def _errors(R_found, R_true, Q, group):
+def _errors(R_found, R_true, Q, groups):
+    """``groups``: one ``(G, 3, 3)`` group per particle (a list of arrays, possibly shared)."""
     est = R_found @ Q  # (n, 3, 3)
     best = np.full(len(R_found), np.inf)
-    for g in group:
-        best = np.minimum(best, geodesic_distance_deg(est, R_true @ g))
+    for group in {id(g): g for g in groups}.values():
+        sel = np.array([g is group for g in groups])
+        for g in group:
+            best[sel] = np.minimum(best[sel], geodesic_distance_deg(est[sel], R_true[sel] @ g))
     return best
 
 
-def angular_errors(R_true, R_found, found_classes, group=None, max_candidates=200, rng=0) -> np.ndarray:
-    """Per-particle angular error (degrees) modulo each found class's frame and ``group``."""
+def angular_errors(R_true, R_found, found_classes, group=None, max_candidates=200, rng=0,
+                   true_classes=None) -> np.ndarray:
+    """Per-particle angular error (degrees) modulo each found class's frame and the symmetry.
+
+    ``group``: one point group ``(G, 3, 3)`` for every particle (default the identity), or,
+    with ``true_classes`` (1-based), a sequence of groups, one per true class.
+    """
     R_true = np.asarray(R_true, dtype=np.float64)
     R_found = np.asarray(R_found, dtype=np.float64)
-    group = np.eye(3)[None] if group is None else np.asarray(group)
     found_classes = np.asarray(found_classes)
+    if true_classes is None:
+        one = np.eye(3)[None] if group is None else np.asarray(group, dtype=np.float64)
+        per_particle = [one] * len(R_true)
+    else:
+        groups = [np.asarray(g, dtype=np.float64) for g in group]
+        tc = np.asarray(true_classes, dtype=np.int64)
+        if tc.shape != (len(R_true),) or tc.min(initial=1) < 1 or tc.max(initial=1) > len(groups):
+            raise ValueError(f"true_classes must be (N,) in 1..{len(groups)} (one group per true class)")
+        per_particle = [groups[k - 1] for k in tc]
     out = np.full(len(R_true), np.nan)
     gen = np.random.default_rng(rng)
     for f in np.unique(found_classes):
         idx = np.flatnonzero(found_classes == f)
         cand = idx if len(idx) <= max_candidates else gen.choice(idx, max_candidates, replace=False)
+        members = [per_particle[i] for i in idx]
         best_err, best_med = None, np.inf
         for j in cand:
             Q = R_found[j].T @ R_true[j]
-            err = _errors(R_found[idx], R_true[idx], Q, group)
+            err = _errors(R_found[idx], R_true[idx], Q, members)
             med = np.median(err)
             if med < best_med:
                 best_med, best_err = med, err

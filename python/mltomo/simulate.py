@@ -53,6 +53,7 @@ __all__ = [
     "builtin_phantoms",
     "default_data_dir",
     "groel_models",
+    "groel_symmetry_groups",
     "read_pdb",
     "render_points",
     "render_points_exact",
@@ -462,6 +463,39 @@ def groel_models(data_dir=None) -> list[PointCloud]:
     c, w, ch = read_pdb(d / "models" / "1aon.pdb.gz", include_water=False, return_chains=True)
     complex_ = _groel_frame(c, w, ch, ring1, list("ABCDEFGHIJKLMN"), cap=list("OPQRSTU"))
     return [groel, complex_]
+
+
+def groel_symmetry_groups(models) -> list[np.ndarray]:
+    """Point groups ``[(14, 3, 3), (7, 3, 3)]`` of the two :func:`groel_models`, in their frame.
+
+    GroEL14 (1OEL) is D7: the 7-fold along ``z`` and a 2-fold in the ``xy`` plane, which is
+    read off the assembly itself -- its second half is the BIOMT copy of the first, so the
+    least-squares rotation between the halves (Kabsch) is that 2-fold. GroEL14-GroES7 (1AON)
+    is C7 about ``z`` (GroES on one ring removes the 2-fold). Raises ``ValueError`` when the
+    first cloud is not such a two-copy assembly (odd size, RMS misfit > 1 Å, or not a 2-fold
+    perpendicular to ``z``).
+    """
+    from mltomo.geometry import rotation_z, symmetry_group
+
+    c = np.asarray(models[0][0], dtype=np.float64)
+    m = c.shape[0] // 2
+    if c.shape[0] != 2 * m or m == 0:
+        raise ValueError("GroEL14 cloud: expected two BIOMT copies of equal size")
+    X, Y = c[:m], c[m:]
+    xc, yc = X.mean(0), Y.mean(0)
+    U, _, Vt = np.linalg.svd((Y - yc).T @ (X - xc))  # Y ≈ R X
+    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
+    R = U @ D @ Vt
+    rms = float(np.sqrt(np.mean(np.sum((Y - yc - (X - xc) @ R.T) ** 2, axis=1))))
+    w, v = np.linalg.eigh(0.5 * (R + R.T))  # a 2-fold: R = 2 a aᵀ − I, eigenvalue 1 along a
+    axis = v[:, np.argmax(w)]
+    if rms > 1.0 or np.trace(R) > -0.99 or abs(axis[2]) > 0.05:
+        raise ValueError(f"GroEL14 cloud: the halves are not related by a 2-fold perpendicular to z "
+                         f"(RMS {rms:.2f} Å, trace {np.trace(R):.3f}, axis z {axis[2]:.3f})")
+    phi = float(np.degrees(np.arctan2(axis[1], axis[0])))
+    Q = rotation_z(phi)  # D7 has its 2-fold along x; turn it onto the axis found
+    d7 = Q @ symmetry_group("D7") @ Q.T
+    return [d7, symmetry_group("C7")]
 
 
 # --------------------------------------------------------------------------------------------
