@@ -192,9 +192,14 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
     )
 
 
-def particles_from_arrays(volumes, voxel_size_angstrom: float, missing="none", names=None) -> Particles:
+def particles_from_arrays(volumes, voxel_size_angstrom: float, missing="none", names=None,
+                          comm=None) -> Particles:
     """Particles from in-memory volumes ``(N, n, n, n)`` sharing one missing region (e.g. a
-    :class:`mltomo.simulate.SimulatedData`'s ``volumes`` and ``missing_region``)."""
+    :class:`mltomo.simulate.SimulatedData`'s ``volumes`` and ``missing_region``).
+
+    With ``comm`` (:func:`mltomo.parallel.get_comm`), every rank passes all ``N`` volumes and
+    keeps its own contiguous block of them, as :func:`read_particles` does with a table.
+    """
     from mltomo.fourier import missing_region_mask, parse_missing_region, rfft_unitary
 
     vols = np.asarray(volumes, dtype=np.float32)
@@ -203,12 +208,16 @@ def particles_from_arrays(volumes, voxel_size_angstrom: float, missing="none", n
     if not np.all(np.isfinite(vols)):
         raise ValueError("volumes contain NaN or infinite voxels")
     N, n = vols.shape[0], vols.shape[1]
+    comm = comm or SerialComm()
+    a, b = split_range(N, comm.rank, comm.size)
     label = str(parse_missing_region(missing))
     mask = missing_region_mask(label, n)
-    spectra = np.stack([rfft_unitary(v) for v in vols]).astype(np.complex64)
+    spectra = np.empty((b - a, n, n, n // 2 + 1), np.complex64)
+    for j in range(a, b):
+        spectra[j - a] = rfft_unitary(vols[j])
+    names = tuple(names) if names is not None else tuple(f"particle{i + 1}" for i in range(N))
     return Particles(
-        spectra=spectra, masks=mask[None].astype(np.float32), groups=np.zeros(N, np.int32),
+        spectra=spectra, masks=mask[None].astype(np.float32), groups=np.zeros(b - a, np.int32),
         region_labels=(label,), voxel_size_angstrom=float(voxel_size_angstrom),
-        names=tuple(names) if names is not None else tuple(f"particle{i + 1}" for i in range(N)),
-        indices=np.arange(N), n_total=N,
+        names=names[a:b], indices=np.arange(a, b), n_total=N,
     )
