@@ -257,6 +257,21 @@ def test_rank_0_failing_mid_run_stops_every_rank(dataset, tmp_path):
     assert not (out / "run_it001_model.star").exists()
 
 
+def test_serial_run_on_a_full_disk_is_one_line_naming_the_file(dataset, tmp_path):
+    """The same file-size limit without MPI: exit code 2, one line naming the output file that
+    could not be written (not the temporary file, not a traceback), no temporary file left."""
+    out = tmp_path / "out"
+    limited = ("import resource, sys; from mltomo.cli import main; "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)); sys.exit(main(sys.argv[1:]))")
+    rc, _, stderr = _run([sys.executable, "-c", limited, "refine", dataset, "--out", out, *REFINE], tmp_path)
+    assert rc == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert f"{out}/run_it001_" in lines[0] and lines[0].endswith(": File too large"), stderr
+    assert not list(out.glob(".*.tmp"))
+    assert not (out / "run_it001_model.star").exists()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="mpi4py is not installed")
 def test_launcher_and_mpi_disagreeing_is_an_error(dataset, tmp_path):
     """A launcher that says 2 ranks while MPI initialises 1 (mpi4py built for another MPI) must not

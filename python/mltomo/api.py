@@ -92,7 +92,8 @@ def refine_files(star, out, config, *, refs=None, continue_dir=None, iterations=
         comm = get_comm()
     except RankError as exc:  # mpi4py and the launcher disagree: each process is alone
         raise UserError(str(exc)) from exc
-    expected = (ParticleTableError, FileFormatError, FileNotFoundError, ValueError, RankError)
+    # OSError: a full disk, a quota or a file-size limit while writing (named by io.atomic).
+    expected = (ParticleTableError, FileFormatError, OSError, ValueError, RankError)
     try:
         start_model = start_results = None
         if continue_dir:
@@ -139,6 +140,8 @@ def refine_files(star, out, config, *, refs=None, continue_dir=None, iterations=
         msg = str(exc)
         if isinstance(exc, FileNotFoundError) and exc.filename:
             msg = f"{exc.filename}: no such file"
+        elif isinstance(exc, OSError) and exc.filename and exc.strerror:
+            msg = f"{exc.filename}: {exc.strerror}"
         err = UserError(msg)
         err.quiet = comm.rank != 0 and isinstance(exc, RankError)
         if comm.size > 1 and not isinstance(exc, RankError):

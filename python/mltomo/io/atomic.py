@@ -48,9 +48,13 @@ def atomic_path(path):
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, str(tmp)):
+            # A full disk or a file-size limit: name the file the user asked for, not the
+            # temporary one (or none, as a failed write() does).
+            raise type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
 
 
