@@ -94,7 +94,8 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
 
     N = len(df)
     a, b = split_range(N, comm.rank, comm.size)
-    spectra, labels, groups, names = [], [], [], []
+    spectra = None  # (b - a, box, box, box//2+1) complex64, allocated once the box is known
+    labels, names = [], []
     masks = {}
     box = None
     header_voxel = None
@@ -112,6 +113,8 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
                 raise ParticleTableError(f"{name}: volume is {vol.shape}, particles must be cubic")
             if box is None:
                 box, header_voxel = vol.shape[0], vs
+            if spectra is None:
+                spectra = np.empty((b - a, box, box, box // 2 + 1), np.complex64)
             elif vol.shape[0] != box:
                 raise ParticleTableError(f"{name}: box {vol.shape[0]} differs from the first particle's {box}")
             if voxel is None and vs and header_voxel and abs(vs - header_voxel) > 1e-3 * header_voxel:
@@ -147,7 +150,7 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
                     raise ParticleTableError(f"{source}: missing region of {name} leaves no observed Fourier "
                                              f"components besides the origin")
             labels.append(label)
-            spectra.append(rfft_unitary(vol.astype(np.float32)).astype(np.complex64))
+            spectra[i - a] = rfft_unitary(vol.astype(np.float32))
             names.append(name)
     except (ParticleTableError, OSError, ValueError) as exc:
         error = str(exc)
@@ -177,7 +180,7 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
 
     prior_classes = df["rlnClassNumber"].to_numpy(np.int64)[a:b] if "rlnClassNumber" in df.columns else None
     return Particles(
-        spectra=np.array(spectra, dtype=np.complex64).reshape(-1, box, box, box // 2 + 1),
+        spectra=spectra if spectra is not None else np.empty((0, box, box, box // 2 + 1), np.complex64),
         masks=mask_arr,
         groups=groups,
         region_labels=tuple(label_list),
