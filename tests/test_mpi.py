@@ -257,19 +257,33 @@ def test_rank_0_failing_mid_run_stops_every_rank(dataset, tmp_path):
     assert not (out / "run_it001_model.star").exists()
 
 
+_LIMITED = ("import resource, sys; from mltomo.cli import main; "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)); sys.exit(main(sys.argv[1:]))")
+
+
 def test_serial_run_on_a_full_disk_is_one_line_naming_the_file(dataset, tmp_path):
     """The same file-size limit without MPI: exit code 2, one line naming the output file that
     could not be written (not the temporary file, not a traceback), no temporary file left."""
     out = tmp_path / "out"
-    limited = ("import resource, sys; from mltomo.cli import main; "
-               "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)); sys.exit(main(sys.argv[1:]))")
-    rc, _, stderr = _run([sys.executable, "-c", limited, "refine", dataset, "--out", out, *REFINE], tmp_path)
+    rc, _, stderr = _run([sys.executable, "-c", _LIMITED, "refine", dataset, "--out", out, *REFINE], tmp_path)
     assert rc == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert f"{out}/run_it001_" in lines[0] and lines[0].endswith(": File too large"), stderr
     assert not list(out.glob(".*.tmp"))
     assert not (out / "run_it001_model.star").exists()
+
+
+def test_simulate_on_a_full_disk_is_one_line_naming_the_file(tmp_path):
+    """``mltomo simulate`` (each particle is 16³ float32 = 16 KB, over the 8 KB limit): exit
+    code 2 and one line naming the map it could not write."""
+    out = tmp_path / "sim"
+    rc, _, stderr = _run([sys.executable, "-c", _LIMITED, "simulate", "--out", out, "--phantom", "builtin",
+                          "--particles", "2", "--box", "16", "--voxel-size", "16", "--quiet"], tmp_path)
+    assert rc == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith(f"mltomo simulate: error: {out}/") and lines[0].endswith(".mrc: File too large"), stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="mpi4py is not installed")

@@ -74,6 +74,12 @@ def main(argv=None) -> int:
         if not getattr(exc, "quiet", False):
             print(f"mltomo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if not (exc.filename and exc.strerror):
+            raise
+        # A full disk, a quota or a file-size limit (the writers name the destination).
+        print(f"mltomo {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"mltomo {args.command}: interrupted", file=sys.stderr)
         return 130
