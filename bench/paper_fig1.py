@@ -140,7 +140,7 @@ def plan(p: Protocol, panels: str) -> list[Run]:
     if "F" in panels:
         add("ml", p.snrs)
         add("ml-k1-groel", p.snrs)
-    # One data set (seed, preferred orientation) at a time, cheapest SNR order irrelevant.
+    # Runs on one data set (preferred orientation, seed, SNR) next to each other: simulated once.
     return sorted(runs, key=lambda r: (r.preferred != "moderate", r.seed, r.snr, list(METHODS).index(r.method)))
 
 
@@ -248,7 +248,7 @@ def _select(runs, method, preferred="moderate", snr=None):
             and (snr is None or math.isclose(r["snr"], snr))]
 
 
-def summary_rows(runs: list[dict], p: Protocol) -> list[dict]:
+def summary_rows(runs: list[dict]) -> list[dict]:
     """One row per (method, preferred orientation, SNR): runs, purity and angular error."""
     rows = []
     keys = sorted({(r["method"], r["preferred"], r["snr"]) for r in runs},
@@ -435,7 +435,8 @@ def main(argv=None) -> int:
         models = groel_models(data_dir)
         groups = groel_symmetry_groups(models)
         threads = args.threads or _core.max_threads()
-        todo = [r for r in plan(p, panels) if r.id not in {d["id"] for d in done}]
+        have = {d["id"] for d in done}
+        todo = [r for r in plan(p, panels) if r.id not in have]
         meta = {"fftw": mltomo.fftw_version(), "threads": threads, "ranks": comm.size, "data_dir": str(data_dir)}
         if comm.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -465,7 +466,7 @@ def main(argv=None) -> int:
             return 0
     if not done:
         raise SystemExit(f"{runs_path}: no runs to report")
-    rows = summary_rows(done, p)
+    rows = summary_rows(done)
     table = summary_markdown(rows)
     from mltomo.io.atomic import atomic_write_text
 

@@ -6,19 +6,14 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_mpi import _mpiexec, _run, needs_mpiexec
+from test_simulate import DATA, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(
-    not (DATA / "models").is_dir(), reason=f"shared data not found at {DATA} (PDB 1OEL/1AON)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -89,24 +84,21 @@ def test_tiny_protocol_end_to_end(fig1, tmp_path, capsys):
 
 @needs_data
 @pytest.mark.mpi
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec is not on PATH (pip install mpich mpi4py)")
+@needs_mpiexec
 def test_mpi_run_splits_particles_and_agrees_with_serial(tmp_path):
     """``mpiexec -n 2 python bench/paper_fig1.py``: each run's particles are split over the
     ranks (the table says 2 ranks), rank 0 alone writes, and the scores equal a serial run's
     (the sums are only added in another order)."""
-    common = ["--data-dir", str(DATA), "--panels", "E,F", "--particles", "12", "--box", "16", "--voxel-size", "16",
+    common = ["--data-dir", DATA, "--panels", "E,F", "--particles", "12", "--box", "16", "--voxel-size", "16",
               "--max-resolution", "0", "--iterations", "2", "--sampling", "45", "--snrs", "0.5", "--seeds", "1",
               "--threads", "1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    script = str(ROOT / "bench" / "paper_fig1.py")
+    script = ROOT / "bench" / "paper_fig1.py"
     docs = {}
-    for name, launch in (("serial", []), ("mpi", [shutil.which("mpiexec"), "-n", "2", "-bind-to", "core"])):
+    for name, cmd in (("serial", [sys.executable, script]), ("mpi", _mpiexec(2, sys.executable, script))):
         out = tmp_path / name
-        p = subprocess.run([*launch, sys.executable, script, "--out", str(out), *common], env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr
-        assert p.stdout.count("paper_fig1:") == 1  # rank 0 alone reports
+        rc, stdout, stderr = _run([*cmd, "--out", out, *common], ROOT)
+        assert rc == 0, stderr
+        assert stdout.count("paper_fig1:") == 1  # rank 0 alone reports
         docs[name] = json.loads((out / "runs.json").read_text())
     assert docs["serial"]["meta"]["ranks"] == 1 and docs["mpi"]["meta"]["ranks"] == 2
     serial = {r["id"]: r for r in docs["serial"]["runs"]}

@@ -11,11 +11,11 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
 from test_em import blobs, make_particles
+from test_simulate import DATA, needs_data
 from test_variants import EXACT, N_BOX, _angles
 
 from mltomo import geometry
@@ -23,11 +23,6 @@ from mltomo.em import run_em
 from mltomo.evaluate import angular_errors, class_purity
 from mltomo.model import Config
 from mltomo.mstep import regularised_average
-
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(
-    not (DATA / "models").is_dir(), reason=f"shared data not found at {DATA} (PDB 1OEL/1AON)"
-)
 
 # ------------------------------------------------------------------ regularised averaging
 

@@ -29,12 +29,12 @@ def class_purity(true_classes, found_classes) -> float:
     return total / len(true_classes)
 
 
-def _errors(R_found, R_true, Q, groups):
-    """``groups``: one ``(G, 3, 3)`` group per particle (a list of arrays, possibly shared)."""
+def _errors(R_found, R_true, Q, groups, gid):
+    """Errors of particles whose point group is ``groups[gid[i]]``."""
     est = R_found @ Q  # (n, 3, 3)
     best = np.full(len(R_found), np.inf)
-    for group in {id(g): g for g in groups}.values():
-        sel = np.array([g is group for g in groups])
+    for k, group in enumerate(groups):
+        sel = gid == k
         for g in group:
             best[sel] = np.minimum(best[sel], geodesic_distance_deg(est[sel], R_true[sel] @ g))
     return best
@@ -51,24 +51,22 @@ def angular_errors(R_true, R_found, found_classes, group=None, max_candidates=20
     R_found = np.asarray(R_found, dtype=np.float64)
     found_classes = np.asarray(found_classes)
     if true_classes is None:
-        one = np.eye(3)[None] if group is None else np.asarray(group, dtype=np.float64)
-        per_particle = [one] * len(R_true)
+        groups = [np.eye(3)[None] if group is None else np.asarray(group, dtype=np.float64)]
+        gid = np.zeros(len(R_true), np.int64)
     else:
         groups = [np.asarray(g, dtype=np.float64) for g in group]
-        tc = np.asarray(true_classes, dtype=np.int64)
-        if tc.shape != (len(R_true),) or tc.min(initial=1) < 1 or tc.max(initial=1) > len(groups):
+        gid = np.asarray(true_classes, dtype=np.int64) - 1
+        if gid.shape != (len(R_true),) or gid.min(initial=0) < 0 or gid.max(initial=0) >= len(groups):
             raise ValueError(f"true_classes must be (N,) in 1..{len(groups)} (one group per true class)")
-        per_particle = [groups[k - 1] for k in tc]
     out = np.full(len(R_true), np.nan)
     gen = np.random.default_rng(rng)
     for f in np.unique(found_classes):
         idx = np.flatnonzero(found_classes == f)
         cand = idx if len(idx) <= max_candidates else gen.choice(idx, max_candidates, replace=False)
-        members = [per_particle[i] for i in idx]
         best_err, best_med = None, np.inf
         for j in cand:
             Q = R_found[j].T @ R_true[j]
-            err = _errors(R_found[idx], R_true[idx], Q, members)
+            err = _errors(R_found[idx], R_true[idx], Q, groups, gid[idx])
             med = np.median(err)
             if med < best_med:
                 best_med, best_err = med, err

@@ -101,12 +101,12 @@ def update_references(refs, sums, *, mode="ml", pad=2.0, gridding=True, impute_i
     if mode in ("ml-wa", "cc"):
         scale = float(pad) ** 3  # grid weights are ~1/pad³ of the particle counts
         th = theta / scale
-        F = sums.Mfull
-        counts = sums.M * np.where(F > 0, W[:, None, None, None] / np.where(F > 0, F, 1.0), 0.0)
-        ok = counts > wa_threshold
         if th > 0 and K >= 2:
             B = regularised_average(sums.S, sums.M, th)
         else:
+            F = sums.Mfull
+            counts = sums.M * np.where(F > 0, W[:, None, None, None] / np.where(F > 0, F, 1.0), 0.0)
+            ok = counts > wa_threshold
             B = np.where(ok, sums.S / np.where(ok, sums.M, 1.0), 0)
         return np.stack([_from_grid(B[k], n, pad, g) if W[k] > 0 else refs[k] for k in range(K)])
     raise ValueError(f"unknown M-step mode {mode!r}")

@@ -94,7 +94,7 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
 
     N = len(df)
     a, b = split_range(N, comm.rank, comm.size)
-    spectra = None  # (b - a, box, box, box//2+1) complex64, allocated once the box is known
+    spectra = None  # (b - a, box, box, box//2+1) complex64, allocated with the first particle's box
     labels, names = [], []
     masks = {}
     box = None
@@ -113,7 +113,6 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
                 raise ParticleTableError(f"{name}: volume is {vol.shape}, particles must be cubic")
             if box is None:
                 box, header_voxel = vol.shape[0], vs
-            if spectra is None:
                 spectra = np.empty((b - a, box, box, box // 2 + 1), np.complex64)
             elif vol.shape[0] != box:
                 raise ParticleTableError(f"{name}: box {vol.shape[0]} differs from the first particle's {box}")
