@@ -37,9 +37,9 @@ def write_dataset(root: Path, n_particles: int, box: int, classes: int, max_shif
     import pandas as pd
 
     from mltomo import geometry
-    from mltomo.em import rotate_volume
     from mltomo.fourier import irfft_unitary, missing_region_mask, rfft_unitary
     from mltomo.io import write_star, write_volume
+    from mltomo.reference import rotate_volume
 
     rng = np.random.default_rng(seed)
     c = np.arange(box) - box // 2

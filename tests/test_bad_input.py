@@ -259,7 +259,7 @@ def test_continue_without_a_run(data, capsys, tmp_path):
 
 # The two cases below are caught by mltomo.em.check_inputs, which needs the particles and so runs
 # after refine_files has created --out and written run_config.json there. They pass once
-# api.refine_files calls check_inputs(particles, config, comm) before creating the directory.
+# cli.runner.refine_files calls check_inputs(particles, config, comm) before creating the directory.
 
 
 def test_weight_volume_observing_nothing_at_working_resolution(data, capsys):

@@ -3,7 +3,6 @@
 import itertools
 
 import numpy as np
-import pytest
 
 from mltomo.em import run_em
 from mltomo.model import Config, Particles
@@ -115,9 +114,10 @@ def test_prior_classes_and_poses_from_the_table_start_the_references():
     average of its particles in their poses; without it the start is reference-free."""
     import dataclasses
 
-    from mltomo.em import Geometry, initial_references
     from mltomo.geometry import matrix_to_euler
+    from mltomo.initial import initial_references
     from mltomo.parallel import SerialComm
+    from mltomo.sampling import Sampling
 
     rng = np.random.default_rng(3)
     n = 16
@@ -126,7 +126,7 @@ def test_prior_classes_and_poses_from_the_table_start_the_references():
     parts, cls, ridx, shifts = make_particles(refs, rots, 30, 0.3, rng)
     angles = np.stack(matrix_to_euler(rots[ridx]), 1)
     cfg = Config(n_classes=2, padding=1.0, gridding=False, initial_lowpass_angstrom=20.0, max_shift_voxels=1)
-    geo = Geometry(n, 10.0, cfg)
+    geo = Sampling.create(n, 10.0, cfg)
 
     def corr(a, b):
         return np.corrcoef(a.ravel(), b.ravel())[0, 1]

@@ -7,7 +7,6 @@ import pytest
 
 from mltomo import fourier as ft
 
-
 # ---------------------------------------------------------------- transforms and grids
 
 

@@ -88,9 +88,9 @@ def _phantoms(rng, n, k):
 def write_dataset(root: Path, n_particles: int = N_PARTICLES, box: int = BOX, seed: int = 0) -> Path:
     """Two classes, random rotations, integer shifts (|t| ≤ 1), noise (SNR 2) and a ±60° wedge."""
     from mltomo import geometry
-    from mltomo.em import rotate_volume
     from mltomo.fourier import irfft_unitary, missing_region_mask, rfft_unitary
     from mltomo.io import write_star, write_volume
+    from mltomo.reference import rotate_volume
 
     rng = np.random.default_rng(seed)
     phantoms = _phantoms(rng, box, 2)

@@ -101,8 +101,10 @@ def test_fixed_poses_start_from_random_subsets_averaged_in_those_poses():
     random-subset averages are built in the given poses (shifts undone), so each is the mixed
     truth in the particles' frame; a reference-free start (random orientations) is not.
     (Building them in random orientations here: the first assertion fails.)"""
-    from mltomo.em import Geometry, initial_references, lowpass
+    from mltomo.initial import initial_references
     from mltomo.parallel import SerialComm
+    from mltomo.reference import lowpass
+    from mltomo.sampling import Sampling
 
     refs, parts, _ = _fixed_pose_data(40, 0.1)
     target = lowpass(refs.mean(0), N_BOX / 3)
@@ -110,7 +112,7 @@ def test_fixed_poses_start_from_random_subsets_averaged_in_those_poses():
     def corr(no_align):
         cfg = Config(n_classes=2, no_align=no_align, initial_lowpass_angstrom=3 * parts.voxel_size_angstrom,
                      **EXACT)
-        init = initial_references(parts, Geometry(N_BOX, parts.voxel_size_angstrom, cfg), cfg, SerialComm())
+        init = initial_references(parts, Sampling.create(N_BOX, parts.voxel_size_angstrom, cfg), cfg, SerialComm())
         return [float(np.corrcoef(a.ravel(), target.ravel())[0, 1]) for a in init]
 
     assert min(corr(True)) > 0.97

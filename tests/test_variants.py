@@ -20,12 +20,13 @@ import pytest
 from test_em import blobs, cube_rotations, make_particles, wedge_half
 
 from mltomo import geometry
-from mltomo.em import Geometry, lowpass, rotate_volume, rotation_grid, run_em, soft_sphere
+from mltomo.em import run_em
 from mltomo.estep import estep
 from mltomo.geometry import euler_to_matrix, matrix_to_euler
 from mltomo.model import Config, Particles
 from mltomo.mstep import _to_grid, update_references
-from mltomo.reference import crop_padded, padded_transform
+from mltomo.reference import crop_padded, lowpass, padded_transform, rotate_volume, soft_sphere
+from mltomo.sampling import Sampling, rotation_grid
 
 N_BOX = 16
 VOXEL = 10.0
@@ -197,7 +198,7 @@ def test_many_imputation_iterations_tend_to_the_weighted_average():
     impute_iter=1 differs. (Ignoring ``impute_iter``: the m=200 update equals the m=1 one and
     the first assertion fails.)"""
     refs, rots, parts, *_ = _two_class_data(N=16, sigma=1.0)
-    geo = Geometry(N_BOX, VOXEL, Config(**EXACT))
+    geo = Sampling.create(N_BOX, VOXEL, Config(**EXACT))
     sums = _one_estep(refs, rots, parts, 1.0, geo)
     start = 0.5 * refs  # far from the data, so the imputation has work to do
     kw = {"pad": 1.0, "gridding": False}
@@ -307,7 +308,9 @@ def test_no_align_keeps_rotations_and_shifts_and_classifies():
 def test_focused_mask_is_applied_to_the_references(tmp_path):
     """A focused mask (an MRC file: 1 for x < 6, a raised-cosine edge to 0 at x = 9) with
     ``no_align``: the references vanish outside it. (Ignoring ``mask``: the blobs outside the
-    mask stay.)"""
+    mask stay.) ``run_em`` reads no files: the API reads the mask and passes the array; without
+    it, a ``config.mask`` is an error, not silently ignored."""
+    from mltomo.api import read_focus
     from mltomo.io import write_volume
 
     refs, rots, parts, cls, ridx, shifts = _two_class_data(N=20)
@@ -317,7 +320,9 @@ def test_focused_mask_is_applied_to_the_references(tmp_path):
     focus = np.broadcast_to(edge, (N_BOX,) * 3).astype(np.float32)
     write_volume(tmp_path / "focus.mrc", focus, VOXEL)
     cfg = Config(n_classes=2, iterations=1, no_align=True, mask=str(tmp_path / "focus.mrc"), **EXACT)
-    res = run_em(parts, cfg, refs=refs)
+    with pytest.raises(ValueError, match="focus="):
+        run_em(parts, cfg, refs=refs)
+    res = run_em(parts, cfg, refs=refs, focus=read_focus(cfg))
     inside = focus > 0
     far = np.zeros_like(inside)
     far[:, :, 10:14] = True  # away from the mask's edge (and the box's periodic wrap)

@@ -11,72 +11,11 @@ statistics into :class:`Sums` (SPEC §3–4). Shifts are integers in working-box
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
+from mltomo.model import ParticleScores, Sums
+
 MODES = {"ml": 0, "cc": 1}
-
-
-@dataclass
-class Sums:
-    """Sufficient statistics of one E-step; chunks, threads and MPI ranks add them up.
-
-    ``S``, ``M`` and ``Mfull`` live on the padded half-spectrum grid of the references (see
-    :mod:`mltomo.reference`): ``S_k = Σ P R⁻¹[e^{+2πik·t} w X]``, ``M_k = Σ P R⁻¹[w]`` and
-    ``Mfull_k = Σ P R⁻¹[1]``, the weight fully observed particles would leave at each grid
-    point (it equals ``W_k`` when rotations land on grid points).
-    """
-
-    W: np.ndarray  # (K,) float64: Σ_i Σ_{r,t} P_i(k,r,t)
-    S: np.ndarray  # (K, P, P, P//2+1) complex128
-    M: np.ndarray  # (K, P, P, P//2+1) float64
-    Mfull: np.ndarray  # (K, P, P, P//2+1) float64
-    scalars: np.ndarray = field(default_factory=lambda: np.zeros(2))  # [Σ P d², Σ P |t|²]
-
-    @classmethod
-    def zeros(cls, K: int, P: int) -> "Sums":
-        shape = (K, P, P, P // 2 + 1)
-        return cls(np.zeros(K), np.zeros(shape, np.complex128), np.zeros(shape), np.zeros(shape), np.zeros(2))
-
-    @property
-    def sum_pd2(self) -> float:
-        return float(self.scalars[0])
-
-    @property
-    def sum_pt2(self) -> float:
-        return float(self.scalars[1])
-
-    def buffers(self):
-        """The arrays an MPI ``Allreduce(SUM)`` must add, in a fixed order."""
-        return [self.W, self.S, self.M, self.Mfull, self.scalars]
-
-
-@dataclass
-class ParticleScores:
-    """Per-particle E-step results (arrays of length N)."""
-
-    best_class: np.ndarray  # int32, 0-based, -1 if nothing was scored
-    best_rot: np.ndarray  # int32 index into the rotation list
-    best_shift: np.ndarray  # int32 index into the shift list
-    max_post: np.ndarray  # float64
-    n_significant: np.ndarray  # int64: samples not pruned
-    log_sum: np.ndarray  # float64: log Σ α_k p(t) exp(−d²/2σ²) (ML) or best CC (CC mode)
-    x_norm: np.ndarray  # float64: Σ w |X|² over the working set
-    n_observed: np.ndarray  # float64: J_i^o
-
-    @classmethod
-    def empty(cls, N: int) -> "ParticleScores":
-        return cls(
-            np.full(N, -1, np.int32),
-            np.full(N, -1, np.int32),
-            np.full(N, -1, np.int32),
-            np.zeros(N),
-            np.zeros(N, np.int64),
-            np.zeros(N),
-            np.zeros(N),
-            np.zeros(N),
-        )
 
 
 def estep(

@@ -49,7 +49,7 @@ def _from_grid(B, n, pad, g):
 def regularised_average(S, M, theta):
     """Weighted averages ``B (K, ...)`` that maximise, at every grid point independently,
     ``−Σ_k (M_k|B_k|² − 2 Re(B̄_k S_k)) − θ Σ_{k<l} |B_k − B_l|²`` (paper eq. 11 with weighted
-    averaging): ``B_k = (S_k + θ Σ_l B_l)/(M_k + Kθ)``, with
+    averaging; the ML form with ``S = W·A^unreg``, ``M = W``, broadcastable): ``B_k = (S_k + θ Σ_l B_l)/(M_k + Kθ)``, with
     ``Σ_l B_l = Σ_l (S_l/d_l) / Σ_l (M_l/(K d_l))``, ``d_l = M_l + Kθ`` (the usual denominator
     ``1 − θ Σ 1/d_l`` written without cancellation). Where no class observed a point (every
     ``M_l = 0``, so ``S = 0`` too) the maximiser is not unique and every ``B_k`` is 0.
@@ -94,10 +94,9 @@ def update_references(refs, sums, *, mode="ml", pad=2.0, gridding=True, impute_i
             unreg[k] = refs[k] + _from_grid(B - B0, n, pad, g)
         if theta <= 0 or K < 2:
             return unreg
-        T = W[:, None, None, None] * unreg
-        denom = W + K * theta
-        total = (T / denom[:, None, None, None]).sum(0) / (1.0 - theta * np.sum(1.0 / denom))
-        return (T + theta * total[None]) / denom[:, None, None, None]
+        Wb = W[:, None, None, None]
+        A = regularised_average(Wb * unreg, Wb, theta)
+        return np.where(Wb > 0, A, refs)  # SPEC §4: a class with W_k = 0 keeps its reference
     if mode in ("ml-wa", "cc"):
         scale = float(pad) ** 3  # grid weights are ~1/pad³ of the particle counts
         th = theta / scale
@@ -132,3 +131,56 @@ def update_xi2(sums, n_particles):
 def update_fractions(sums, n_particles):
     """α_k = W_k / N."""
     return sums.W / float(n_particles)
+
+
+def regularisation(config, iteration: int, n_total: int) -> float:
+    """θ(it) = reg(it)·N/K², reg linear from reg0 (it=1) to regF at it = reg_steps + 1."""
+    if config.reg_steps <= 0:
+        reg = config.regF
+    else:
+        f = min(1.0, (iteration - 1) / config.reg_steps)
+        reg = config.reg0 + (config.regF - config.reg0) * f
+    return reg * n_total / config.n_classes**2
+
+
+def reg_energy(refs, sampling) -> float:
+    """Σ_{k<l} ‖A_k − A_l‖² over the working set (full-spectrum, unitary)."""
+    K = len(refs)
+    if K < 2:
+        return 0.0
+    F = [sampling.crop(np.fft.rfftn(np.fft.ifftshift(a), norm="ortho")) for a in refs]
+    e = 0.0
+    for k in range(K):
+        for l in range(k + 1, K):  # noqa: E741 - the SPEC's index
+            e += sampling.working_sum(np.abs(F[k] - F[l]) ** 2)
+    return e
+
+
+def mstep(sums, model, config, sampling, constraints, inputs: MStepInputs, *, iteration: int,
+          log_likelihood: float = float("nan")):
+    """The new :class:`~mltomo.model.Model` from the all-reduced sums of iteration ``iteration``
+    (SPEC §4–5): references (imputation or weighted averaging, regularised with θ(it)), then
+    ``constraints`` (a :class:`~mltomo.reference.Constraints`: symmetry, masks, working
+    resolution); σ², ξ², α unless fixed by ``config``; and each class's relative change."""
+    from mltomo.model import Model
+
+    N = inputs.n_particles
+    theta = regularisation(config, iteration, N)
+    refs = update_references(model.refs, sums, mode=config.mode, pad=sampling.pad, gridding=config.gridding,
+                             impute_iter=config.impute_iter, wa_threshold=config.wa_threshold, theta=theta)
+    refs = constraints.apply(refs)
+    if config.fix_sigma:
+        sigma2 = config.fix_sigma**2
+    else:
+        sigma2 = update_sigma2(sums, refs, inputs, model.sigma2, mode=config.mode, impute_iter=config.impute_iter,
+                               theta=theta, reg_energy=reg_energy(refs, sampling) if theta > 0 else 0.0)
+    if config.fix_xi or config.no_align:
+        xi2 = model.xi2_voxels
+    else:
+        xi2 = max(update_xi2(sums, N) * sampling.scale**2, 1e-4)
+    alpha = model.alpha if config.fix_fractions else update_fractions(sums, N)
+    old = np.asarray(model.refs, dtype=np.float64)
+    changes = np.array([float(np.sum((refs[k] - old[k]) ** 2) / max(np.sum(old[k] ** 2), 1e-30))
+                        for k in range(len(refs))])
+    return Model(refs=refs, alpha=np.asarray(alpha, dtype=np.float64), sigma2=float(sigma2),
+                 xi2_voxels=float(xi2), iteration=iteration, log_likelihood=log_likelihood, changes=changes)

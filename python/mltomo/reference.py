@@ -88,3 +88,70 @@ def uncrop_padded(F: np.ndarray, P: int) -> np.ndarray:
     idx = np.r_[0 : Pc // 2, P - Pc // 2 : P]
     out[np.ix_(idx, idx, np.arange(Pc // 2 + 1))] = F
     return out
+
+
+# ------------------------------------------------------------------------ real-space operations
+
+
+def soft_sphere(n: int, radius_voxels: float, edge_voxels: float = 3.0) -> np.ndarray:
+    """A spherical mask of the given radius with a raised-cosine edge, centred at n//2."""
+    c = np.arange(n) - n // 2
+    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    m = np.clip((radius_voxels + edge_voxels - r) / edge_voxels, 0, 1)
+    return 0.5 - 0.5 * np.cos(np.pi * m)
+
+
+def lowpass(vol: np.ndarray, radius: float) -> np.ndarray:
+    """Zero the Fourier components of a volume beyond ``radius`` (frequency index units)."""
+    from mltomo.fourier import freq_half
+
+    n = vol.shape[0]
+    F = np.fft.rfftn(vol)
+    kz, ky, kx = freq_half(n)
+    k2 = kz**2 + ky**2 + kx**2
+    F[k2 > radius**2 + 1e-9] = 0
+    return np.fft.irfftn(F, s=vol.shape, axes=(0, 1, 2))
+
+
+def rotate_volume(vol: np.ndarray, R: np.ndarray, pad: float = 2.0) -> np.ndarray:
+    """``vol`` rotated actively by ``R`` (x'(r) = x(Rᵀr)), by Fourier interpolation."""
+    from mltomo import _core
+
+    n = vol.shape[0]
+    F = padded_transform(vol, pad, gridding=True)
+    H = _core.rotate_forward(F, pad, np.ascontiguousarray(R, dtype=np.float64), n, n / 2 - 1)
+    return np.fft.fftshift(np.fft.irfftn(H, s=(n, n, n), axes=(0, 1, 2), norm="ortho"))
+
+
+def symmetrize(vol: np.ndarray, group: np.ndarray, pad: float = 2.0) -> np.ndarray:
+    """Average of the volume over the point group's rotations."""
+    if len(group) <= 1:
+        return vol
+    return np.mean([rotate_volume(vol, g, pad) for g in group], axis=0)
+
+
+class Constraints:
+    """What every reference satisfies after an M-step, in this order: the point group's
+    symmetry, the soft spherical mask, the focused mask (arrays ``(n, n, n)`` or None), then
+    the low-pass to the working radius."""
+
+    def __init__(self, group: np.ndarray, radius: float, pad: float, sphere=None, focus=None):
+        self.group = group
+        self.radius = float(radius)
+        self.pad = float(pad)
+        self.sphere = sphere
+        self.focus = focus
+
+    def apply(self, refs) -> np.ndarray:
+        """``(K, n, n, n)`` float32 constrained references."""
+        out = []
+        for a in refs:
+            a = np.asarray(a, dtype=np.float64)
+            if len(self.group) > 1:
+                a = symmetrize(a, self.group, self.pad)
+            if self.sphere is not None:
+                a = a * self.sphere
+            if self.focus is not None:
+                a = a * self.focus
+            out.append(lowpass(a, self.radius))
+        return np.stack(out).astype(np.float32)

@@ -426,9 +426,9 @@ def write_demo_report(run_dir, truth_star, references, out_png, metrics: dict, *
     so the slices are comparable; a reference-free run otherwise finds each class in an arbitrary
     orientation.
     """
-    from mltomo.em import rotate_volume
     from mltomo.geometry import euler_to_matrix
     from mltomo.io.star import read_star
+    from mltomo.reference import rotate_volume
 
     its = _check_run_dir(run_dir)
     model = _read_model(run_dir, its[-1])

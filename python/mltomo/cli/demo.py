@@ -36,7 +36,7 @@ def add_args(p):
 def run(args) -> int:
     import sys
 
-    from mltomo.api import refine_files
+    from mltomo.cli.runner import refine_files
     from mltomo.evaluate import angular_errors, class_purity
     from mltomo.geometry import euler_to_matrix, symmetry_group
     from mltomo.io.star import read_star

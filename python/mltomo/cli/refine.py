@@ -139,7 +139,7 @@ def check_args(args) -> None:
 
 
 def run(args) -> int:
-    from mltomo.api import refine_files
+    from mltomo.cli.runner import refine_files
 
     check_args(args)
     if args.cont:

@@ -1,0 +1,136 @@
+"""How a run starts: random subsets, prior classes, initial references and σ, and the seeded
+first iteration of a reference-free start (SPEC §5, "Initial references")."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mltomo import geometry
+from mltomo.estep import estep
+from mltomo.model import Config, ParticleScores, Sums
+from mltomo.mstep import update_references
+from mltomo.reference import lowpass
+from mltomo.sampling import Sampling
+
+
+def seed_classes(config: Config, n_total: int) -> np.ndarray:
+    """The random subset (0-based class) of every particle of a reference-free start."""
+    rng = np.random.default_rng([config.seed, 0, 7])
+    order = rng.permutation(n_total)
+    subset = np.empty(n_total, np.int64)
+    subset[order] = np.arange(n_total) % config.n_classes
+    return subset
+
+
+def uses_prior_classes(particles, config: Config, comm) -> bool:
+    """Whether the table's classes and poses (a previous run's ``_data.star``) start the run:
+    every particle (on every rank) has an ``rlnClassNumber`` in 1..K and prior angles."""
+    ok = (particles.prior_classes is not None and particles.prior_angles is not None
+          and bool(np.all((particles.prior_classes >= 1) & (particles.prior_classes <= config.n_classes))))
+    return comm.sum(0.0 if ok else 1.0) == 0.0
+
+
+def _starting_poses(particles, sampling: Sampling, config: Config, comm):
+    """``(subset (N,) 0-based, rotations (N, 3, 3), working-box spectra with known shifts
+    undone)`` of this process's particles for :func:`initial_references`."""
+    spectra = sampling.crop(particles.spectra)
+    local = np.asarray(particles.indices)
+    prior_classes = uses_prior_classes(particles, config, comm)
+    fixed_poses = (config.no_rotate or config.no_align) and particles.prior_angles is not None
+    if prior_classes:
+        subset = particles.prior_classes.astype(np.int64) - 1
+    else:
+        subset = seed_classes(config, particles.n_total)[local]
+    if prior_classes or fixed_poses:
+        rots = geometry.euler_to_matrix(*np.asarray(particles.prior_angles, dtype=np.float64).T)
+        if particles.prior_shifts_angstrom is not None:
+            spectra = sampling.apply_shifts(spectra, particles.prior_shifts_angstrom / particles.voxel_size_angstrom)
+    else:
+        rots = geometry.random_rotations(particles.n_total, np.random.default_rng([config.seed, 0, 8]))[local]
+    return subset, rots, spectra
+
+
+def initial_references(particles, sampling: Sampling, config: Config, comm) -> np.ndarray:
+    """Starting references without ``--ref``, weighted averages (threshold τ) of the particles,
+    low-passed (``--initial-lowpass``, default 8 voxels: a random-orientation average holds no
+    signal beyond the lowest frequencies, and its noise there would decide the first
+    assignments).
+
+    * From a previous run's table (every particle has a class in 1..K and angles): each class
+      is the average of its particles in their prior poses (shifts undone).
+    * With fixed poses (``no_rotate``/``no_align`` and prior angles, e.g. the true poses of a
+      simulation): random subsets (seeded) averaged in those poses (shifts undone); a random
+      orientation would leave the references in no particle's frame for the rest of the run.
+    * Otherwise reference-free (SPEC §5): shuffle (seeded), split into K subsets and place each
+      particle in a uniformly random orientation.
+    """
+    from mltomo import _core
+
+    K = config.n_classes
+    geo = sampling
+    subset, rots, spectra = _starting_poses(particles, geo, config, comm)
+    masks = geo.crop(particles.masks)
+    S = np.zeros((K, geo.P_w, geo.P_w, geo.P_w // 2 + 1), np.complex128)
+    M = np.zeros(S.shape)
+    F = np.zeros(S.shape)
+    for j in range(len(subset)):
+        k = subset[j]
+        w = masks[particles.groups[j]]
+        R = np.ascontiguousarray(rots[j], dtype=np.float64)
+        _core.rotate_back(np.ascontiguousarray(spectra[j] * w), w, geo.pad, R, geo.radius, S[k], M[k], F[k])
+    W = np.bincount(subset, minlength=K).astype(np.float64)
+    comm.allreduce_sum([S, M, F, W])
+    sums = Sums(W, S, M, F, np.zeros(2))
+    refs0 = np.zeros((K, geo.n, geo.n, geo.n))
+    refs = update_references(refs0, sums, mode="ml-wa", pad=geo.pad, gridding=config.gridding,
+                             wa_threshold=config.wa_threshold)
+    res = config.initial_lowpass_angstrom or 8.0 * geo.voxel_size
+    r = geo.n * geo.voxel_size / res
+    return np.stack([lowpass(a, r) for a in refs])
+
+
+def initial_sigma2(spectra_w, masks_w, groups, sampling: Sampling, comm) -> float:
+    """Mean power per observed degree of freedom of the data (signal + noise: a generous start)."""
+    num = den = 0.0
+    hw_w = sampling.working_weights()
+    for j in range(len(spectra_w)):
+        w = masks_w[groups[j]]
+        num += float(np.sum(hw_w * w * np.abs(spectra_w[j]) ** 2))
+        den += float(np.sum(hw_w * (w > 0)))
+    num, den = comm.sum(num), comm.sum(den)
+    return num / max(den, 1.0)
+
+
+def estep_seeded(seeds, Fref, sampling: Sampling, data_w, masks_w, groups, rotations, lp, log_alpha, sigma2,
+                 rot_mask, kwargs):
+    """First iteration of a reference-free start: every particle stays in its random subset
+    (only its pose is searched), so the classes start as aligned averages of random halves
+    instead of a winner-takes-all split between two noisy blobs (RELION seeds classes alike).
+
+    Each subset's log-likelihood gets its class's ``log α_k``, so a particle's log-likelihood
+    ``log Σ_{r,t} α_k p(t) (1/R) exp(−d²/2σ²) − …`` is the later iterations' with the other
+    classes' prior set to zero: comparable from the first iteration on."""
+    K = len(Fref)
+    P = Fref.shape[1]
+    sums = Sums.zeros(K, P)
+    scores = ParticleScores.empty(len(data_w))
+    counters = None
+    for k in range(K):
+        idx = np.flatnonzero(seeds == k)
+        if len(idx) == 0:
+            continue
+        s, sc, c = estep(Fref[k : k + 1], sampling.pad, np.ascontiguousarray(data_w[idx]), masks_w, groups[idx],
+                         sampling.radius, rotations, sampling.shifts, lp, np.zeros(1), sigma2,
+                         rot_mask=None if rot_mask is None else np.ascontiguousarray(rot_mask[idx]), **kwargs)
+        sums.W[k] += s.W[0]
+        sums.S[k] += s.S[0]
+        sums.M[k] += s.M[0]
+        sums.Mfull[k] += s.Mfull[0]
+        sums.scalars += s.scalars
+        for name in ("best_rot", "best_shift", "max_post", "n_significant", "log_sum", "x_norm", "n_observed"):
+            getattr(scores, name)[idx] = getattr(sc, name)
+        if kwargs.get("mode", "ml") == "ml":  # log Σ α_k(…) = log α_k + log Σ(…), the core's sums unchanged
+            scores.log_sum[idx] += log_alpha[k]
+        scores.best_class[idx] = k
+        counters = c if counters is None else {key: counters[key] + c[key] for key in c}
+    return sums, scores, counters
