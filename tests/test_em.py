@@ -1,73 +1,13 @@
 """The EM driver on small synthetic data sets built in the test (no files)."""
 
-import itertools
+import dataclasses
 
 import numpy as np
 
 from mltomo.em import run_em
-from mltomo.model import Config, Particles
+from mltomo.model import Config
 
-
-def cube_rotations():
-    out = []
-    for perm in itertools.permutations(range(3)):
-        for signs in itertools.product((1, -1), repeat=3):
-            R = np.zeros((3, 3))
-            for i, j in enumerate(perm):
-                R[i, j] = signs[i]
-            if np.linalg.det(R) > 0:
-                out.append(R)
-    return np.array(out)
-
-
-def blobs(n, rng, count=6, spread=0.22):
-    c = np.arange(n) - n // 2
-    z, y, x = np.meshgrid(c, c, c, indexing="ij")
-    v = np.zeros((n, n, n))
-    for _ in range(count):
-        p = rng.uniform(-spread * n, spread * n, 3)
-        v += np.exp(-((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / (2 * 1.5**2))
-    return v
-
-
-def rotate_exact(a, R):
-    """x(r) = a(Rᵀ r) for an integer (cube) rotation, exactly, on the grid centred at n//2."""
-    n = a.shape[0]
-    c = np.arange(n) - n // 2
-    z, y, x = np.meshgrid(c, c, c, indexing="ij")
-    r = np.stack([x, y, z], -1) @ R  # rows: (Rᵀ r)ᵀ = rᵀ R
-    ix, iy, iz = [(r[..., d].round().astype(int) + n // 2) % n for d in range(3)]
-    return a[iz, iy, ix]
-
-
-def wedge_half(n, half_angle):
-    f = np.fft.fftfreq(n) * n
-    kz, ky, kx = np.meshgrid(f, f, np.arange(n // 2 + 1), indexing="ij")
-    theta = np.degrees(np.arctan2(np.abs(kz), np.abs(kx)))
-    return ((theta <= half_angle) | ((kx == 0) & (kz == 0))).astype(np.float32)
-
-
-def make_particles(refs, rots, N, sigma, rng, max_shift=1, wedge=60):
-    n = refs.shape[1]
-    mask = wedge_half(n, wedge)
-    cls = rng.integers(len(refs), size=N)
-    ridx = rng.integers(len(rots), size=N)
-    r = np.arange(-max_shift, max_shift + 1)
-    grid = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
-    grid = grid[(grid**2).sum(1) <= max_shift**2]
-    shifts = grid[rng.integers(len(grid), size=N)]
-    spectra = []
-    for i in range(N):
-        x = rotate_exact(refs[cls[i]], rots[ridx[i]])
-        x = np.roll(x, shift=(shifts[i, 2], shifts[i, 1], shifts[i, 0]), axis=(0, 1, 2))
-        x = x + rng.normal(scale=sigma, size=x.shape)
-        spectra.append(np.fft.rfftn(np.fft.ifftshift(x), norm="ortho") * mask)
-    p = Particles(
-        spectra=np.array(spectra, dtype=np.complex64), masks=mask[None].copy(),
-        groups=np.zeros(N, np.int32), region_labels=("wedge",), voxel_size_angstrom=10.0,
-        names=tuple(f"p{i}" for i in range(N)), indices=np.arange(N), n_total=N,
-    )
-    return p, cls, ridx, shifts
+from conftest import blobs, cube_rotations, make_particles
 
 
 def test_log_likelihood_never_decreases_with_exact_rotations():
@@ -141,3 +81,38 @@ def test_prior_classes_and_poses_from_the_table_start_the_references():
     assert corr(swapped[0], refs[1]) > 0.8
     free = initial_references(parts, geo, cfg, SerialComm())
     assert max(corr(free[0], refs[0]), corr(free[1], refs[1])) < 0.8
+
+
+def test_seeded_first_iteration_log_likelihood_includes_log_alpha():
+    """A reference-free start scores each particle only against its random subset's class in
+    iteration 1; its log-likelihood must still be SPEC §3's
+    ``log Σ α_k p(t) (1/R) exp(−d²/2σ²) − (J_i^o/2) log 2πσ²``, here with the other classes'
+    α set to zero, so that it is comparable with the later iterations'. (Without ``N log α``
+    every particle's contribution was ``log K`` too high.)"""
+    from mltomo.estep import estep
+    from mltomo.initial import seed_classes
+    from mltomo.reference import padded_transform
+
+    rng = np.random.default_rng(4)
+    n = 8
+    refs = np.stack([blobs(n, rng, count=3) for _ in range(2)])
+    rots = cube_rotations()[:4]
+    parts, _, _, _ = make_particles(refs, rots, 12, 0.5, rng, max_shift=0)
+    cfg = Config(n_classes=2, iterations=0, padding=1.0, gridding=False, perturb=False, rotations=rots,
+                 max_shift_voxels=0, reg0=0.0, regF=0.0, eps=0.0, threads=1)
+    start = run_em(parts, cfg).model  # iteration 0: the initial references and σ²
+    seen = {}
+    run_em(parts, dataclasses.replace(cfg, iterations=1), callback=lambda s, m, r: seen.update(ll=r.log_likelihood))
+    seeds = seed_classes(cfg, len(parts))
+    Fref = np.ascontiguousarray([padded_transform(a, 1.0, gridding=False) for a in start.refs], dtype=np.complex64)
+    from mltomo.fourier import working_radius
+
+    radius = float(working_radius(n, parts.voxel_size_angstrom, None))
+    expect = np.zeros(len(parts))
+    for i in range(len(parts)):
+        log_alpha = np.full(2, -np.inf)
+        log_alpha[seeds[i]] = np.log(start.alpha[seeds[i]])
+        _, sc, _ = estep(Fref, 1.0, parts.spectra[i : i + 1], parts.masks, parts.groups[i : i + 1], radius, rots,
+                         np.zeros((1, 3), np.int32), np.zeros(1), log_alpha, start.sigma2, prune=0.0, nthreads=1)
+        expect[i] = sc.log_sum[0] - np.log(len(rots)) - 0.5 * sc.n_observed[0] * np.log(2 * np.pi * start.sigma2)
+    np.testing.assert_allclose(seen["ll"], expect, rtol=1e-5, atol=1e-3)

@@ -6,6 +6,7 @@ import pytest
 from mltomo.estep import estep
 from mltomo.reference import padded_transform
 
+from conftest import wedge_half
 from oracle import oracle_estep
 
 
@@ -28,14 +29,6 @@ def smooth_volume(n, rng, blobs=4):
         p = rng.uniform(-n / 5, n / 5, 3)
         v += rng.uniform(0.5, 1.5) * np.exp(-((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / 2.0)
     return v
-
-
-def wedge_half(n, half_angle_deg):
-    f = np.fft.fftfreq(n) * n
-    kz, ky, kx = np.meshgrid(f, f, np.arange(n // 2 + 1), indexing="ij")
-    theta = np.degrees(np.arctan2(np.abs(kz), np.abs(kx)))
-    m = (theta <= half_angle_deg) | ((kx == 0) & (kz == 0))
-    return m.astype(np.float32)
 
 
 def half(vol):

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,14 +17,12 @@ import pytest
 
 from mltomo.parallel import SerialComm, get_comm, launched_with_mpi, split_range
 
-MPIEXEC = shutil.which("mpiexec")
-needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec is not on PATH (pip install mpich mpi4py)")
+from conftest import MPIEXEC, mpiexec, needs_mpiexec, run
 
 BOX = 16
 N_PARTICLES = 24
 VOXEL = 10.0
 WEDGE = "wedge_y:-60:60"
-TIMEOUT = 60  # seconds; a run takes a few
 REFINE = ["--classes", "2", "--iter", "3", "--angular-sampling", "30", "--max-shift", "1",
           "--missing", WEDGE, "--seed", "3", "--threads", "1"]
 # ``mltomo refine`` under a file-size limit (as on a full disk, or over quota), for rank 0 only;
@@ -41,33 +35,6 @@ _SERIAL = ("import json, sys; from mltomo.cli import main; rc = main(sys.argv[1:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _env(**extra):
-    """The environment minus any MPI launcher's variables (the test may itself run under one)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "HYDRA_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def _run(cmd, cwd, **env):
-    """Run ``cmd``; on timeout kill its whole process group (mpiexec and every rank) and fail."""
-    p = subprocess.Popen(list(map(str, cmd)), cwd=cwd, env=_env(**env), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"{' '.join(map(str, cmd))} hung for {TIMEOUT} s\nstdout:\n{out}\nstderr:\n{err}")
-    return p.returncode, out, err
-
-
-def _mpiexec(n, *args):
-    return [MPIEXEC, "-n", str(n), "-bind-to", "core", *map(str, args)]
 
 
 def _phantoms(rng, n, k):
@@ -113,7 +80,7 @@ def write_dataset(root: Path, n_particles: int = N_PARTICLES, box: int = BOX, se
     return star
 
 
-def _read_run(out: Path, iterations: int):
+def _readrun(out: Path, iterations: int):
     from mltomo.io import read_star, read_volume
 
     its = []
@@ -173,13 +140,13 @@ def dataset(tmp_path_factory):
 @pytest.mark.mpi
 @needs_mpiexec
 def test_two_ranks_agree_with_one(dataset, tmp_path):
-    rc, out1, err1 = _run([sys.executable, "-c", _SERIAL, "refine", dataset, "--out", tmp_path / "serial", *REFINE],
+    rc, out1, err1 = run([sys.executable, "-c", _SERIAL, "refine", dataset, "--out", tmp_path / "serial", *REFINE],
                           tmp_path)
     assert rc == 0, err1
     report = json.loads(out1.strip().splitlines()[-1])
     assert report == {"rc": 0, "mpi4py": False}, "a serial run must not import mpi4py"
 
-    rc, out2, err2 = _run(_mpiexec(2, sys.executable, "-m", "mltomo", "refine", dataset, "--out", tmp_path / "mpi",
+    rc, out2, err2 = run(mpiexec(2, sys.executable, "-m", "mltomo", "refine", dataset, "--out", tmp_path / "mpi",
                                    *REFINE), tmp_path)
     assert rc == 0, err2
     # Only rank 0 logs (and writes): one line per iteration, not one per rank.
@@ -189,7 +156,7 @@ def test_two_ranks_agree_with_one(dataset, tmp_path):
     assert sorted(p.name for p in serial.iterdir()) == sorted(p.name for p in mpi.iterdir())
     from mltomo.geometry import euler_to_matrix
 
-    for it, (a, b) in enumerate(zip(_read_run(serial, 3), _read_run(mpi, 3)), start=1):
+    for it, (a, b) in enumerate(zip(_readrun(serial, 3), _readrun(mpi, 3)), start=1):
         assert b["logl"] == pytest.approx(a["logl"], rel=1e-6, abs=1e-6), it
         assert b["sigma2"] == pytest.approx(a["sigma2"], rel=1e-6), it
         assert b["xi2"] == pytest.approx(a["xi2"], rel=1e-5), it
@@ -233,7 +200,7 @@ def test_bad_particle_on_rank_1_stops_every_rank(dataset, tmp_path, fault):
     write_star(star, {"particles": pd.DataFrame(df)})
 
     out = tmp_path / "out"
-    rc, _, stderr = _run(_mpiexec(2, sys.executable, "-m", "mltomo", "refine", star, "--out", out, *REFINE),
+    rc, _, stderr = run(mpiexec(2, sys.executable, "-m", "mltomo", "refine", star, "--out", out, *REFINE),
                               tmp_path)
     assert rc != 0
     assert bad_file.name in stderr and "rank 1" in stderr, stderr
@@ -250,7 +217,7 @@ def test_rank_0_failing_mid_run_stops_every_rank(dataset, tmp_path):
     args = ["refine", dataset, "--out", out, *REFINE]
     cmd = [MPIEXEC, "-bind-to", "core", "-n", "1", sys.executable, "-c", _LIMITED_RANK, *args,
            ":", "-n", "1", sys.executable, "-m", "mltomo", *args]
-    rc, _, stderr = _run(cmd, tmp_path)
+    rc, _, stderr = run(cmd, tmp_path)
     assert rc != 0
     assert "error on rank 0" in stderr and "File too large" in stderr, stderr
     assert (out / "run_config.json").is_file()  # the run had started
@@ -265,7 +232,7 @@ def test_serial_run_on_a_full_disk_is_one_line_naming_the_file(dataset, tmp_path
     """The same file-size limit without MPI: exit code 2, one line naming the output file that
     could not be written (not the temporary file, not a traceback), no temporary file left."""
     out = tmp_path / "out"
-    rc, _, stderr = _run([sys.executable, "-c", _LIMITED, "refine", dataset, "--out", out, *REFINE], tmp_path)
+    rc, _, stderr = run([sys.executable, "-c", _LIMITED, "refine", dataset, "--out", out, *REFINE], tmp_path)
     assert rc == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
@@ -278,7 +245,7 @@ def test_simulate_on_a_full_disk_is_one_line_naming_the_file(tmp_path):
     """``mltomo simulate`` (each particle is 16³ float32 = 16 KB, over the 8 KB limit): exit
     code 2 and one line naming the map it could not write."""
     out = tmp_path / "sim"
-    rc, _, stderr = _run([sys.executable, "-c", _LIMITED, "simulate", "--out", out, "--phantom", "builtin",
+    rc, _, stderr = run([sys.executable, "-c", _LIMITED, "simulate", "--out", out, "--phantom", "builtin",
                           "--particles", "2", "--box", "16", "--voxel-size", "16", "--quiet"], tmp_path)
     assert rc == 2, stderr
     lines = stderr.strip().splitlines()
@@ -291,7 +258,7 @@ def test_launcher_and_mpi_disagreeing_is_an_error(dataset, tmp_path):
     """A launcher that says 2 ranks while MPI initialises 1 (mpi4py built for another MPI) must not
     run the refinement twice over into the same directory."""
     out = tmp_path / "out"
-    rc, _, stderr = _run([sys.executable, "-m", "mltomo", "refine", dataset, "--out", out, *REFINE],
+    rc, _, stderr = run([sys.executable, "-m", "mltomo", "refine", dataset, "--out", out, *REFINE],
                               tmp_path, PMI_SIZE="2")
     assert rc == 2
     assert "launcher started 2 processes but MPI sees 1" in stderr, stderr

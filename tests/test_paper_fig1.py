@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_mpi import _mpiexec, _run, needs_mpiexec
-from test_simulate import DATA, needs_data
+
+from conftest import DATA, mpiexec, needs_data, needs_mpiexec, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,9 +94,9 @@ def test_mpi_run_splits_particles_and_agrees_with_serial(tmp_path):
               "--threads", "1"]
     script = ROOT / "bench" / "paper_fig1.py"
     docs = {}
-    for name, cmd in (("serial", [sys.executable, script]), ("mpi", _mpiexec(2, sys.executable, script))):
+    for name, cmd in (("serial", [sys.executable, script]), ("mpi", mpiexec(2, sys.executable, script))):
         out = tmp_path / name
-        rc, stdout, stderr = _run([*cmd, "--out", out, *common], ROOT)
+        rc, stdout, stderr = run([*cmd, "--out", out, *common], ROOT)
         assert rc == 0, stderr
         assert stdout.count("paper_fig1:") == 1  # rank 0 alone reports
         docs[name] = json.loads((out / "runs.json").read_text())

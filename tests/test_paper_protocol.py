@@ -15,7 +15,6 @@ import dataclasses
 import numpy as np
 import pytest
 from test_em import blobs, make_particles
-from test_simulate import DATA, needs_data
 from test_variants import EXACT, N_BOX, _angles
 
 from mltomo import geometry
@@ -23,6 +22,8 @@ from mltomo.em import run_em
 from mltomo.evaluate import angular_errors, class_purity
 from mltomo.model import Config
 from mltomo.mstep import regularised_average
+
+from conftest import DATA, needs_data
 
 # ------------------------------------------------------------------ regularised averaging
 

@@ -9,8 +9,9 @@ from mltomo.geometry import random_rotations, rotation_z
 from mltomo.reference import padded_transform
 
 
-def blob_phantom(n, R=np.eye(3), seed=0, extent=0.6):
-    """Gaussian blobs inside a sphere of diameter extent·n, rotated analytically by R."""
+def blob_phantom(n, R=None, seed=0, extent=0.6):
+    """Gaussian blobs inside a sphere of diameter extent·n, rotated analytically by R (default: none)."""
+    R = np.eye(3) if R is None else R
     rng = np.random.default_rng(seed)
     c = np.arange(n) - n // 2
     z, y, x = np.meshgrid(c, c, c, indexing="ij")

@@ -1,7 +1,6 @@
 """Tests for mltomo.simulate and ``mltomo simulate``: PDB models, rendering, poses, noise, files."""
 
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +20,7 @@ from mltomo.simulate import (
     write_dataset,
 )
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(
-    not (DATA / "models").is_dir(), reason=f"shared data not found at {DATA} (PDB 1OEL/1AON)"
-)
+from conftest import DATA, needs_data
 
 
 def com_voxels(vol):
@@ -111,7 +107,7 @@ def test_read_pdb_groel_assemblies():
 @needs_data
 def test_groel_models_common_frame():
     groel, cplx = groel_models(DATA)
-    for c, w in (groel, cplx):
+    for c, _w in (groel, cplx):
         assert np.max(np.abs(c[:, :2])) < 80  # 7-fold axis along z: barrel radius ~72 Å
     # The barrel is centred at the origin in both; GroES sits on +z in 1AON.
     assert abs(np.average(groel.coords[:, 2], weights=groel.weights)) < 1.0

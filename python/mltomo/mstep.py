@@ -48,11 +48,15 @@ def _from_grid(B, n, pad, g):
 
 def regularised_average(S, M, theta):
     """Weighted averages ``B (K, ...)`` that maximise, at every grid point independently,
-    ``−Σ_k (M_k|B_k|² − 2 Re(B̄_k S_k)) − θ Σ_{k<l} |B_k − B_l|²`` (paper eq. 11 with weighted
-    averaging; the ML form with ``S = W·A^unreg``, ``M = W``, broadcastable): ``B_k = (S_k + θ Σ_l B_l)/(M_k + Kθ)``, with
-    ``Σ_l B_l = Σ_l (S_l/d_l) / Σ_l (M_l/(K d_l))``, ``d_l = M_l + Kθ`` (the usual denominator
-    ``1 − θ Σ 1/d_l`` written without cancellation). Where no class observed a point (every
-    ``M_l = 0``, so ``S = 0`` too) the maximiser is not unique and every ``B_k`` is 0.
+    ``−Σ_k (M_k|B_k|² − 2 Re(B̄_k S_k)) − θ Σ_{k<l} |B_k − B_l|²`` (paper eq. 11):
+    ``B_k = (S_k + θ Σ_l B_l)/(M_k + Kθ)``, with ``Σ_l B_l = Σ_l (S_l/d_l) / Σ_l (M_l/(K d_l))``,
+    ``d_l = M_l + Kθ`` (the usual denominator ``1 − θ Σ 1/d_l`` written without cancellation).
+    Where no class observed a point (every ``M_l = 0``, so ``S = 0`` too) the maximiser is not
+    unique and every ``B_k`` is 0.
+
+    The one closed form of both M-steps: weighted averaging passes the grid sums ``S_k, M_k``;
+    ML passes ``S_k = W_k A_k^unreg``, ``M_k = W_k`` (shape ``(K, 1, 1, 1)``, broadcast), the
+    target ``−Σ_k W_k|A_k − A_k^unreg|² − θ Σ_{k<l}|A_k − A_l|²`` up to a constant.
     """
     K = S.shape[0]
     d = M + K * theta

@@ -117,7 +117,8 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
             elif vol.shape[0] != box:
                 raise ParticleTableError(f"{name}: box {vol.shape[0]} differs from the first particle's {box}")
             if voxel is None and vs and header_voxel and abs(vs - header_voxel) > 1e-3 * header_voxel:
-                raise ParticleTableError(f"{name}: voxel size {vs:g} Å differs from the first particle's {header_voxel:g} Å")
+                raise ParticleTableError(
+                    f"{name}: voxel size {vs:g} Å differs from the first particle's {header_voxel:g} Å")
             if not np.all(np.isfinite(vol)):
                 raise ParticleTableError(f"{name}: contains NaN or infinite voxels")
             # Missing region.

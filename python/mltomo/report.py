@@ -73,7 +73,8 @@ def _read_model(run_dir, it: int) -> dict:
     blocks = read_star(path)
     gen, cls = blocks.get("model_general"), blocks.get("model_classes")
     if gen is None or cls is None or not hasattr(cls, "columns"):
-        raise ReportError(f"{path}: not a model file of mltomo refine (needs data_model_general and data_model_classes)")
+        raise ReportError(
+            f"{path}: not a model file of mltomo refine (needs data_model_general and data_model_classes)")
     if hasattr(gen, "iloc"):
         gen = {c: gen[c].iloc[0] for c in gen.columns}
 
