@@ -29,6 +29,11 @@ MPIEXEC = shutil.which("mpiexec")
 needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec is not on PATH (pip install '.[mpi]')")
 TIMEOUT = 60  # seconds a launched command may take; a run takes a few
 
+# Exact and cheap EM runs: rotations on grid points, no padding, no regularisation, shifts
+# within ±1 voxel, 1 thread (the machine is shared).
+EXACT = {"padding": 1.0, "gridding": False, "perturb": False, "reg0": 0.0, "regF": 0.0, "eps": 0.0,
+         "threads": 1, "max_shift_voxels": 1, "xi0_voxels": 1.0}
+
 
 # --------------------------------------------------------------------------- subprocesses
 
@@ -75,6 +80,13 @@ def cube_rotations() -> np.ndarray:
             if np.linalg.det(R) > 0:
                 out.append(R)
     return np.array(out)
+
+
+def angles_of(R):
+    """``(N, 3)`` Euler angles (rot, tilt, psi) of rotation matrices ``(N, 3, 3)``."""
+    from mltomo.geometry import matrix_to_euler
+
+    return np.stack(matrix_to_euler(np.asarray(R)), 1)
 
 
 def blobs(n, rng, count=6, spread=0.22):

@@ -263,3 +263,18 @@ def test_launcher_and_mpi_disagreeing_is_an_error(dataset, tmp_path):
     assert rc == 2
     assert "launcher started 2 processes but MPI sees 1" in stderr, stderr
     assert not out.exists()
+
+
+def test_launched_without_mpi4py_is_a_user_error(monkeypatch):
+    """MPI is an extra (``mltomo[mpi]``): the package imports and runs serially without mpi4py,
+    and a launcher without it gives one line saying what to install, not a traceback."""
+    import sys
+
+    from mltomo.parallel import RankError
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    monkeypatch.setenv("PMI_SIZE", "1")
+    assert isinstance(get_comm(), SerialComm)
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(RankError, match=r"mltomo\[mpi\]"):
+        get_comm()

@@ -163,8 +163,8 @@ def test_regularised_weighted_average_matches_oracle(problem):
             continue  # nothing observed this point: the maximiser is not unique, 0
         L = np.diag(m + K * theta) - theta * np.ones((K, K))
         B[(slice(None), *idx)] = np.linalg.solve(L, sums.S[(slice(None), *idx)])
-    expect = np.stack([np.fft.fftshift(np.fft.irfftn(B[k], s=(N_BOX,) * 3, axes=(0, 1, 2), norm="ortho")) if sums.W[k] > 0
-                       else refs[k] for k in range(K)])
+    back = [np.fft.fftshift(np.fft.irfftn(B[k], s=(N_BOX,) * 3, axes=(0, 1, 2), norm="ortho")) for k in range(K)]
+    expect = np.stack([back[k] if sums.W[k] > 0 else refs[k] for k in range(K)])
     np.testing.assert_allclose(new, expect, atol=1e-9 * np.abs(expect).max())
 
 

@@ -14,8 +14,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-from test_em import blobs, make_particles
-from test_variants import EXACT, N_BOX, _angles
 
 from mltomo import geometry
 from mltomo.em import run_em
@@ -23,7 +21,9 @@ from mltomo.evaluate import angular_errors, class_purity
 from mltomo.model import Config
 from mltomo.mstep import regularised_average
 
-from conftest import DATA, needs_data
+from conftest import DATA, EXACT, angles_of, blobs, cube_rotations, make_particles, needs_data
+
+N_BOX = 16
 
 # ------------------------------------------------------------------ regularised averaging
 
@@ -86,13 +86,12 @@ def test_regularised_weighted_average_runs_stay_finite(mode):
 
 
 def _fixed_pose_data(N, sigma):
-    from test_em import cube_rotations
 
     rng = np.random.default_rng(11)
     refs = np.stack([blobs(N_BOX, rng), blobs(N_BOX, rng)])
     rots = cube_rotations()
     parts, cls, ridx, shifts = make_particles(refs, rots, N, sigma, rng)
-    parts = dataclasses.replace(parts, prior_angles=_angles(rots[ridx]),
+    parts = dataclasses.replace(parts, prior_angles=angles_of(rots[ridx]),
                                 prior_shifts_angstrom=shifts.astype(np.float64) * parts.voxel_size_angstrom)
     return refs, parts, cls
 

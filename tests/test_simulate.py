@@ -9,11 +9,11 @@ import starfile
 from mltomo import geometry as geo
 from mltomo.fourier import missing_region_mask, rfft_unitary
 from mltomo.io import read_volume, read_volume_any
+from mltomo.io.structure import read_structure
 from mltomo.simulate import (
     PointCloud,
     builtin_phantoms,
     groel_models,
-    read_pdb,
     render_points,
     render_points_exact,
     simulate,
@@ -74,17 +74,17 @@ END
 """
 
 
-def test_read_pdb_elements_altloc_water_and_biomt(tmp_path):
+def test_read_structure_elements_altloc_water_and_biomt(tmp_path):
     p = tmp_path / "toy.pdb.gz"
     p.write_bytes(gzip.compress(PDB_TEXT.encode()))
-    c, w, ch = read_pdb(p, apply_biomt=False, return_chains=True)
+    c, w, ch = read_structure(p, apply_biomt=False, return_chains=True)
     # H skipped, altloc B skipped; S from the atom name, Fe from columns 77-78, water kept.
     np.testing.assert_array_equal(w, [7, 6, 16, 26, 8])
     assert list(ch) == ["A", "A", "B", "B", "B"]
-    _, w2 = read_pdb(p, apply_biomt=False, include_water=False)
+    _, w2 = read_structure(p, apply_biomt=False, include_water=False)
     assert len(w2) == 4
     # Assembly 1: chain A twice (op 2: x+10, -y, -z), chain B rotated by op 3 only.
-    c, w, ch = read_pdb(p, return_chains=True)
+    c, w, ch = read_structure(p, return_chains=True)
     assert list(ch) == ["A", "A", "A/2", "A/2", "B/3", "B/3", "B/3"]
     np.testing.assert_allclose(c[2], [11.0, -2.0, -3.0])
     np.testing.assert_allclose(c[4], [0.0, 1.0, 0.0])  # (1,0,0) rotated by +90 deg about z
@@ -92,16 +92,60 @@ def test_read_pdb_elements_altloc_water_and_biomt(tmp_path):
 
 
 @needs_data
-def test_read_pdb_groel_assemblies():
-    c, w, ch = read_pdb(DATA / "models" / "1oel.pdb.gz", return_chains=True)
+def test_read_structure_groel_assemblies():
+    c, w, ch = read_structure(DATA / "models" / "1oel.pdb.gz", return_chains=True)
     assert c.shape == (54156, 3) and w.shape == (54156,)
     assert len(set(ch)) == 14
     assert set(np.unique(w)) == {6, 7, 8, 16}  # C N O S (no hydrogens in the file)
-    c1, _ = read_pdb(DATA / "models" / "1oel.pdb.gz", apply_biomt=False)
+    c1, _ = read_structure(DATA / "models" / "1oel.pdb.gz", apply_biomt=False)
     assert c1.shape == (27078, 3)
     np.testing.assert_allclose(np.ptp(c, axis=0), [147.2, 145.1, 147.9], atol=0.5)  # README's size
-    c, w, ch = read_pdb(DATA / "models" / "1aon.pdb.gz", return_chains=True)
+    c, w, ch = read_structure(DATA / "models" / "1aon.pdb.gz", return_chains=True)
     assert c.shape == (58870, 3) and len(set(ch)) == 21
+
+
+def _as_mmcif(pdb_path, cif_path):
+    """The same model written as mmCIF by gemmi (assemblies as pdbx_struct_assembly_gen)."""
+    import gemmi
+
+    st = gemmi.read_structure(str(pdb_path))
+    st.setup_entities()
+    st.make_mmcif_document().write_file(str(cif_path))
+
+
+def test_read_structure_mmcif_matches_pdb(tmp_path):
+    """PDB and mmCIF give the same atoms and the same assembly (mmCIF's generators name
+    subchains, PDB's chains)."""
+    p = tmp_path / "toy.pdb"
+    p.write_text(PDB_TEXT)
+    _as_mmcif(p, tmp_path / "toy.cif")
+    for biomt in (False, True):
+        c1, w1, ch1 = read_structure(p, apply_biomt=biomt, return_chains=True)
+        c2, w2, ch2 = read_structure(tmp_path / "toy.cif", apply_biomt=biomt, return_chains=True)
+        np.testing.assert_allclose(c2, c1, atol=1e-3)
+        np.testing.assert_array_equal(w2, w1)
+        assert list(ch2) == list(ch1)
+
+
+@needs_data
+def test_read_structure_groel_mmcif(tmp_path):
+    cif = tmp_path / "1oel.cif"
+    _as_mmcif(DATA / "models" / "1oel.pdb.gz", cif)
+    c, w = read_structure(cif)
+    c0, w0 = read_structure(DATA / "models" / "1oel.pdb.gz")
+    assert c.shape == (54156, 3)
+    np.testing.assert_allclose(c, c0, atol=1e-3)
+    np.testing.assert_array_equal(w, w0)
+
+
+def test_read_structure_bad_files(tmp_path):
+    from mltomo.io import FileFormatError
+
+    with pytest.raises(FileFormatError, match="no such file"):
+        read_structure(tmp_path / "missing.pdb")
+    (tmp_path / "empty.pdb").write_text("REMARK nothing here\nEND\n")
+    with pytest.raises(FileFormatError, match="empty.pdb"):
+        read_structure(tmp_path / "empty.pdb")
 
 
 @needs_data

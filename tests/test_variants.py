@@ -17,29 +17,20 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
-from test_em import blobs, cube_rotations, make_particles, wedge_half
 
 from mltomo import geometry
 from mltomo.em import run_em
 from mltomo.estep import estep
-from mltomo.geometry import euler_to_matrix, matrix_to_euler
+from mltomo.geometry import euler_to_matrix
 from mltomo.model import Config, Particles
 from mltomo.mstep import _to_grid, update_references
 from mltomo.reference import crop_padded, lowpass, padded_transform, rotate_volume, soft_sphere
 from mltomo.sampling import Sampling, rotation_grid
 
+from conftest import EXACT, angles_of, blobs, cube_rotations, make_particles, wedge_half
+
 N_BOX = 16
 VOXEL = 10.0
-
-# Exact and cheap: rotations on grid points, no padding, no regularisation, shifts within ±1
-# voxel, 1 thread (the machine is shared).
-EXACT = {"padding": 1.0, "gridding": False, "perturb": False, "reg0": 0.0, "regF": 0.0, "eps": 0.0,
-         "threads": 1, "max_shift_voxels": 1, "xi0_voxels": 1.0}
-
-
-def _angles(R):
-    return np.stack(matrix_to_euler(np.asarray(R)), 1)
-
 
 def _rotations_of(res):
     return euler_to_matrix(*res.particles.angles.T)
@@ -235,7 +226,7 @@ def test_impute_iter_reaches_the_refinement():
 
 
 def _with_priors(parts, R, shifts_voxels=None):
-    kw = {"prior_angles": _angles(R)}
+    kw = {"prior_angles": angles_of(R)}
     if shifts_voxels is not None:
         kw["prior_shifts_angstrom"] = np.asarray(shifts_voxels, dtype=np.float64) * VOXEL
     return dataclasses.replace(parts, **kw)

@@ -122,7 +122,11 @@ def get_comm():
     size = launcher_size()
     if size <= 1:
         return SerialComm()
-    comm = MPIComm()
+    try:
+        comm = MPIComm()
+    except ImportError as exc:
+        raise RankError(f"the MPI launcher started {size} processes but mpi4py cannot be imported ({exc}): "
+                        "pip install 'mltomo[mpi]', or build mpi4py against the site MPI") from exc
     if comm.size != size:
         raise RankError(
             f"the MPI launcher started {size} processes but MPI sees {comm.size}: mpi4py is linked "

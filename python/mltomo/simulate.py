@@ -6,7 +6,8 @@ Gaussian noise at a given SNR, a missing wedge of a ±60° tilt series applied i
 and optionally preferred orientations (second Euler angle never in 60–120° or 40–140°).
 
 Phantoms are point clouds ``(coords (M, 3) Å as (x, y, z), weights (M,))``: atoms of a PDB
-model (:func:`read_pdb`, :func:`groel_models`) or the file-free :func:`builtin_phantoms`.
+model (:func:`~mltomo.io.structure.read_structure`, PDB or mmCIF via gemmi; :func:`groel_models`)
+or the file-free :func:`builtin_phantoms` (both in :mod:`mltomo.phantoms`).
 
 Rendering (:func:`render_points`)
     Every point is a 3-D Gaussian of standard deviation ``σ = 0.225 · resolution`` (the rule of
@@ -36,14 +37,21 @@ Noise and missing region (:func:`simulate`)
 
 from __future__ import annotations
 
-import gzip
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
+
+from mltomo.io.structure import read_structure
+from mltomo.phantoms import (
+    PointCloud,
+    builtin_phantoms,
+    default_data_dir,
+    groel_models,
+    groel_symmetry_groups,
+)
 
 __all__ = [
     "MOLMAP_SIGMA_FACTOR",
@@ -54,7 +62,7 @@ __all__ = [
     "default_data_dir",
     "groel_models",
     "groel_symmetry_groups",
-    "read_pdb",
+    "read_structure",
     "render_points",
     "render_points_exact",
     "simulate",
@@ -67,144 +75,6 @@ MOLMAP_SIGMA_FACTOR = 0.225  # Chimera molmap: sigma = 0.225 * resolution
 
 # Tilt (second Euler angle) bands the paper left out: particles never have tilt inside them.
 PREFERRED_TILT_BANDS = {"moderate": (60.0, 120.0), "severe": (40.0, 140.0)}
-
-
-class PointCloud(NamedTuple):
-    """A phantom: ``coords`` ``(M, 3)`` in Å as ``(x, y, z)``, ``weights`` ``(M,)``."""
-
-    coords: np.ndarray
-    weights: np.ndarray
-
-
-# --------------------------------------------------------------------------------------------
-# PDB
-# --------------------------------------------------------------------------------------------
-
-# Atomic numbers (the weight of an atom); H and D are never read.
-_ELEMENTS = ["H", "He", "Li", "Be", "B", "C", "N", "O", "F", "Ne", "Na", "Mg", "Al", "Si", "P", "S", "Cl", "Ar", "K", "Ca", "Sc", "Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Zn", "Ga", "Ge", "As", "Se", "Br", "Kr", "Rb", "Sr", "Y", "Zr", "Nb", "Mo", "Tc", "Ru", "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb", "Te", "I", "Xe", "Cs", "Ba", "La", "Ce", "Pr", "Nd", "Pm", "Sm", "Eu", "Gd", "Tb", "Dy", "Ho", "Er", "Tm", "Yb", "Lu", "Hf", "Ta", "W", "Re", "Os", "Ir", "Pt", "Au", "Hg", "Tl", "Pb", "Bi", "Po", "At", "Rn", "Fr", "Ra", "Ac", "Th", "Pa", "U"]
-ATOMIC_NUMBER = {el.upper(): z for z, el in enumerate(_ELEMENTS, start=1)}
-
-
-def _pdb_error(path, problem):
-    from mltomo.io import FileFormatError
-
-    return FileFormatError(f"{path}: {problem}")
-
-
-def _element(line: str) -> str:
-    el = line[76:78].strip().upper() if len(line) >= 78 else ""
-    if el and el[-1] in "+-0123456789":  # charge typed into the element field
-        el = el.rstrip("+-0123456789")
-    if not el:  # old files: element from the atom name (columns 13-14)
-        name = line[12:16]
-        el = name[:2].strip().upper() if name[0] != " " and not name[0].isdigit() else name[1:2].upper()
-        if el not in ATOMIC_NUMBER:
-            el = name.strip()[:1].upper()
-    return el
-
-
-def read_pdb(path, apply_biomt: bool = True, include_water: bool = True, return_chains: bool = False):
-    """Atoms of a PDB file as a point cloud: ``(coords (M, 3) Å (x, y, z), weights (M,))``.
-
-    Reads ``ATOM`` and ``HETATM`` records of the first model (``.gz`` files too). The weight of
-    an atom is its atomic number (element columns 77–78, else the atom name); hydrogens and
-    deuteriums are skipped; of alternate locations only the first of each atom is kept.
-    ``include_water=False`` drops ``HOH``/``WAT``/``DOD``.
-
-    ``apply_biomt=True`` builds biological assembly 1 from the ``REMARK 350 BIOMT`` operators,
-    each applied to the chains listed in its ``APPLY THE FOLLOWING TO CHAINS`` statement (for
-    PDB 1OEL: 2 operators on chains A–G -> GroEL14, 54,156 atoms). Without BIOMT records the
-    file's atoms are returned as they are.
-
-    ``return_chains=True`` adds a third array ``(M,)`` of chain labels; copies made by
-    operator ``k > 1`` are labelled ``"A/k"``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise _pdb_error(path, "no such file")
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="latin-1") as f:
-            lines = f.read().splitlines()
-    except (OSError, EOFError) as exc:
-        raise _pdb_error(path, f"cannot be read ({exc})") from None
-
-    coords, weights, chains = [], [], []
-    seen_altloc: dict = {}
-    groups = []  # [(biomolecule, [chains], [(3, 4) operators])]
-    biomolecule = None
-    current = None
-    pending_rows: dict = {}
-    for line in lines:
-        rec = line[:6]
-        if rec in ("ATOM  ", "HETATM"):
-            if len(line) < 54:
-                raise _pdb_error(path, f"truncated coordinate record: {line.rstrip()!r}")
-            resname = line[17:20].strip().upper()
-            if not include_water and resname in ("HOH", "WAT", "DOD", "H2O"):
-                continue
-            el = _element(line)
-            if el in ("H", "D"):
-                continue
-            alt = line[16]
-            if alt != " ":  # keep the first alternate location of each atom
-                key = (line[21], line[22:27], line[12:16])
-                if seen_altloc.setdefault(key, alt) != alt:
-                    continue
-            z = ATOMIC_NUMBER.get(el)
-            if z is None:
-                raise _pdb_error(path, f"unknown element {el!r} in {line.rstrip()!r}")
-            try:
-                xyz = (float(line[30:38]), float(line[38:46]), float(line[46:54]))
-            except ValueError:
-                raise _pdb_error(path, f"bad coordinates in {line.rstrip()!r}") from None
-            coords.append(xyz)
-            weights.append(z)
-            chains.append(line[21])
-        elif rec == "ENDMDL":
-            break
-        elif line.startswith("REMARK 350"):
-            text = line[10:].strip()
-            if text.startswith("BIOMOLECULE:"):
-                biomolecule = int(text.split(":", 1)[1].split()[0])
-                current = None
-            elif text.startswith(("APPLY THE FOLLOWING TO CHAINS:", "AND CHAINS:")):
-                names = [c.strip() for c in text.split(":", 1)[1].split(",")]
-                names = [c for c in (n.replace("AND", "").strip() for n in names) if c]
-                if text.startswith("APPLY") or current is None or current[2]:
-                    current = (biomolecule, [], [])
-                    groups.append(current)
-                current[1].extend(names)
-            elif text.startswith("BIOMT") and current is not None:
-                parts = text.split()
-                row = int(parts[0][5]) - 1
-                k = int(parts[1])
-                vals = [float(v) for v in parts[2:6]]
-                pending_rows.setdefault(id(current), {}).setdefault(k, [None] * 3)[row] = vals
-                rows = pending_rows[id(current)][k]
-                if all(r is not None for r in rows):
-                    current[2].append((k, np.array(rows, dtype=np.float64)))  # (3, 4)
-    if not coords:
-        raise _pdb_error(path, "no ATOM/HETATM records")
-    xyz = np.array(coords, dtype=np.float64)  # (M, 3)
-    w = np.array(weights, dtype=np.float64)  # (M,)
-    ch = np.array(chains, dtype=object)  # (M,)
-
-    first = [g for g in groups if g[2] and g[0] == (groups[0][0] if groups else None)]
-    if apply_biomt and first:
-        out_c, out_w, out_ch = [], [], []
-        for _, names, ops in first:
-            sel = np.isin(ch, names)
-            for k, op in ops:
-                out_c.append(xyz[sel] @ op[:, :3].T + op[:, 3])
-                out_w.append(w[sel])
-                out_ch.append(ch[sel] if k == 1 else np.array([f"{c}/{k}" for c in ch[sel]], dtype=object))
-        xyz, w, ch = np.concatenate(out_c), np.concatenate(out_w), np.concatenate(out_ch)
-        if xyz.shape[0] == 0:
-            raise _pdb_error(path, "BIOMT operators select no atoms (chain names do not match)")
-    if return_chains:
-        return xyz, w, ch.astype(str)
-    return xyz, w
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,177 +195,6 @@ def render_points(coords_A, weights, n: int, voxel_size: float, resolution_A: fl
     a = origin - f * (n // 2)  # fine index of voxel 0
     out = fine[a : a + f * n : f, a : a + f * n : f, a : a + f * n : f]
     return (out * f**3).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Phantoms
-# --------------------------------------------------------------------------------------------
-
-# Built-in phantoms: unions of spheres filled with points on a cubic lattice, in Å.
-_LATTICE_A = 2.5
-_PROTEIN_ELECTRONS_PER_A3 = 0.44  # so the maps have the scale of PDB maps (weight = Z)
-
-
-def _groel_like_spheres(cap: bool) -> list[tuple[float, float, float, float]]:
-    """Spheres ``(x, y, z, radius)`` of the built-in phantoms; the 7-fold axis is ``z``.
-
-    Class 2 mimics what GroES binding does to GroEL (1AON vs 1OEL): the cis (upper) ring
-    elongates, its apical domains swing up and out, and the dome caps it. As for the real
-    models, the two maps then differ by about 40 % (relative L2 at 25-30 Å), not only by
-    the 8 % of mass GroES adds.
-    """
-    # Per subunit: (radius from axis, azimuth offset deg, height, sphere radius)
-    trans = (
-        (45.0, 0.0, 20.0, 20.0),  # equatorial
-        (60.0, 8.0, 45.0, 10.0),  # intermediate
-        (50.0, 16.0, 60.0, 16.0),  # apical (twisted: the phantom is chiral)
-    )
-    cis = (
-        (45.0, 0.0, 20.0, 20.0),
-        (62.0, 14.0, 52.0, 11.0),  # intermediate domain tilted down and out
-        (58.0, 40.0, 80.0, 16.0),  # apical domain raised and twisted (opened cis ring)
-    )
-    spheres = []
-    for j in range(7):
-        phi0 = 360.0 * j / 7.0
-        for r, dphi, z, rad in (cis if cap else trans):
-            phi = math.radians(phi0 + dphi)
-            spheres.append((r * math.cos(phi), r * math.sin(phi), z, rad))
-        for r, dphi, z, rad in trans:  # lower ring: 2-fold about x (GroEL's D7)
-            phi = math.radians(phi0 + dphi)
-            spheres.append((r * math.cos(phi), -r * math.sin(phi), -z, rad))
-    spheres.append((72.0, 0.0, 20.0, 9.0))  # a tag on subunit 1 of the upper ring: no symmetry left
-    if cap:  # GroES-like dome on the raised cis ring: 7 blobs and a roof, ~80 Å wide, ~30 Å tall
-        for j in range(7):
-            phi = math.radians(360.0 * j / 7.0 + 25.0)
-            spheres.append((29.0 * math.cos(phi), 29.0 * math.sin(phi), 105.0, 12.0))
-        spheres.append((0.0, 0.0, 115.0, 13.0))
-    return spheres
-
-
-def _fill_spheres(spheres, spacing: float) -> np.ndarray:
-    s = np.asarray(spheres, dtype=np.float64)  # (S, 4)
-    lo = np.floor((s[:, :3] - s[:, 3:]).min(axis=0) / spacing) * spacing
-    hi = (s[:, :3] + s[:, 3:]).max(axis=0)
-    axes = [np.arange(lo[i], hi[i] + spacing, spacing) for i in range(3)]
-    x, y, z = np.meshgrid(*axes, indexing="ij")
-    pts = np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1)  # (L, 3)
-    inside = np.zeros(pts.shape[0], dtype=bool)
-    for cx, cy, cz, r in s:
-        inside |= ((pts[:, 0] - cx) ** 2 + (pts[:, 1] - cy) ** 2 + (pts[:, 2] - cz) ** 2) <= r * r
-    return pts[inside]
-
-
-def builtin_phantoms() -> list[PointCloud]:
-    """Two file-free phantoms in the spirit of the paper's GroEL14 / GroEL14-GroES7.
-
-    Class 1: a GroEL-like hollow double ring -- two stacked rings of 7 subunits (three
-    domains each, the apical ones twisted), about 145 Å wide and 150 Å tall, with its 7-fold
-    axis along ``z`` and the rings related by a 2-fold axis along ``x``; one small tag on one
-    subunit removes every symmetry, so poses are unique. Class 2: the same points plus a
-    GroES-like dome (about 80 Å wide and 30 Å tall) capping the ``+z`` end. The volumes are
-    filled with points on a 2.5 Å lattice, weight 0.44 e/Å³ × 2.5³ Å³ each (the electron
-    density of protein), so the maps have the scale of the PDB maps. Deterministic.
-    """
-    w = _PROTEIN_ELECTRONS_PER_A3 * _LATTICE_A**3
-    out = []
-    for cap in (False, True):
-        pts = _fill_spheres(_groel_like_spheres(cap), _LATTICE_A)
-        out.append(PointCloud(pts, np.full(pts.shape[0], w)))
-    return out
-
-
-def default_data_dir() -> Path | None:
-    """``../shared/data`` next to the repository (or the current directory), if it exists."""
-    here = Path(__file__).resolve()
-    candidates = [Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
-    if len(here.parents) > 3:
-        candidates.insert(0, here.parents[3] / "shared" / "data")  # <repo>/python/mltomo/simulate.py
-    for c in candidates:
-        if (c / "models").is_dir():
-            return c
-    return None
-
-
-def _frame_from_ring(ring_centroids: np.ndarray, centre: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """Rows ``(x', y', z')``: ``z'`` the normal of the ring's plane pointing along ``up``,
-    ``x'`` towards the first ring subunit."""
-    _, _, vt = np.linalg.svd(ring_centroids - ring_centroids.mean(axis=0))
-    z = vt[2]
-    if np.dot(z, up) < 0:
-        z = -z
-    x = ring_centroids[0] - centre
-    x = x - np.dot(x, z) * z
-    x /= np.linalg.norm(x)
-    return np.stack([x, np.cross(z, x), z])  # (3, 3)
-
-
-def _groel_frame(coords, weights, chains, ring, body, cap=None) -> PointCloud:
-    chains = np.asarray(chains)
-    cent = np.array([np.average(coords[chains == c], axis=0, weights=weights[chains == c]) for c in ring])
-    sel = np.isin(chains, body)
-    centre = np.average(coords[sel], axis=0, weights=weights[sel])
-    if cap is not None:
-        up = np.average(coords[np.isin(chains, cap)], axis=0) - centre
-    else:
-        up = cent.mean(axis=0) - centre
-    M = _frame_from_ring(cent, centre, up)
-    return PointCloud((coords - centre) @ M.T, weights.copy())
-
-
-def groel_models(data_dir=None) -> list[PointCloud]:
-    """GroEL14 (PDB 1OEL, assembly from BIOMT) and GroEL14-GroES7 (PDB 1AON) point clouds.
-
-    Both are put in one frame: origin at the centre of mass of the 14 GroEL subunits, the
-    7-fold axis along ``z`` (from the plane of one ring's subunit centroids), ``+z`` towards
-    the GroES cap of 1AON (its cis ring, chains A–G) and towards ring A–G of 1OEL, ``+x``
-    towards subunit A. Crystallographic waters are left out. ``data_dir`` holds
-    ``models/1oel.pdb.gz`` and ``models/1aon.pdb.gz`` (default :func:`default_data_dir`).
-    """
-    d = Path(data_dir) if data_dir is not None else default_data_dir()
-    if d is None:
-        from mltomo.io import FileFormatError
-
-        raise FileFormatError("../shared/data: not found; pass the directory holding models/1oel.pdb.gz")
-    ring1 = list("ABCDEFG")
-    c, w, ch = read_pdb(d / "models" / "1oel.pdb.gz", include_water=False, return_chains=True)
-    groel = _groel_frame(c, w, ch, ring1, ring1 + [f"{x}/2" for x in ring1])
-    c, w, ch = read_pdb(d / "models" / "1aon.pdb.gz", include_water=False, return_chains=True)
-    complex_ = _groel_frame(c, w, ch, ring1, list("ABCDEFGHIJKLMN"), cap=list("OPQRSTU"))
-    return [groel, complex_]
-
-
-def groel_symmetry_groups(models) -> list[np.ndarray]:
-    """Point groups ``[(14, 3, 3), (7, 3, 3)]`` of the two :func:`groel_models`, in their frame.
-
-    GroEL14 (1OEL) is D7: the 7-fold along ``z`` and a 2-fold in the ``xy`` plane, which is
-    read off the assembly itself -- its second half is the BIOMT copy of the first, so the
-    least-squares rotation between the halves (Kabsch) is that 2-fold. GroEL14-GroES7 (1AON)
-    is C7 about ``z`` (GroES on one ring removes the 2-fold). Raises ``ValueError`` when the
-    first cloud is not such a two-copy assembly (odd size, RMS misfit > 1 Å, or not a 2-fold
-    perpendicular to ``z``).
-    """
-    from mltomo.geometry import rotation_z, symmetry_group
-
-    c = np.asarray(models[0][0], dtype=np.float64)
-    m = c.shape[0] // 2
-    if c.shape[0] != 2 * m or m == 0:
-        raise ValueError("GroEL14 cloud: expected two BIOMT copies of equal size")
-    X, Y = c[:m], c[m:]
-    xc, yc = X.mean(0), Y.mean(0)
-    U, _, Vt = np.linalg.svd((Y - yc).T @ (X - xc))  # Y ≈ R X
-    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
-    R = U @ D @ Vt
-    rms = float(np.sqrt(np.mean(np.sum((Y - yc - (X - xc) @ R.T) ** 2, axis=1))))
-    w, v = np.linalg.eigh(0.5 * (R + R.T))  # a 2-fold: R = 2 a aᵀ − I, eigenvalue 1 along a
-    axis = v[:, np.argmax(w)]
-    if rms > 1.0 or np.trace(R) > -0.99 or abs(axis[2]) > 0.05:
-        raise ValueError(f"GroEL14 cloud: the halves are not related by a 2-fold perpendicular to z "
-                         f"(RMS {rms:.2f} Å, trace {np.trace(R):.3f}, axis z {axis[2]:.3f})")
-    phi = float(np.degrees(np.arctan2(axis[1], axis[0])))
-    Q = rotation_z(phi)  # D7 has its 2-fold along x; turn it onto the axis found
-    d7 = Q @ symmetry_group("D7") @ Q.T
-    return [d7, symmetry_group("C7")]
 
 
 # --------------------------------------------------------------------------------------------
