@@ -1,7 +1,7 @@
 """Small dataclasses for the state that flows through a refinement.
 
-Data flows one way: files -> :class:`Particles` -> E-step (C++) -> sums -> allreduce ->
-M-step -> :class:`Model` -> files.
+Data flows one way: files -> :class:`Particles` -> E-step (C++) -> :class:`Sums` and
+:class:`ParticleScores` -> allreduce -> M-step -> :class:`Model` -> files.
 """
 
 from __future__ import annotations

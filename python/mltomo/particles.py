@@ -61,7 +61,7 @@ def image_dir(star_path) -> Path:
 
 def read_particles(star_path, *, missing: str = "none", weight_threshold: float | None = None,
                    comm=None) -> Particles:
-    from mltomo.fourier import missing_region_mask, parse_missing_region, rfft_unitary, weight_volume_mask
+    from mltomo.fourier import parse_missing_region, rfft_unitary
     from mltomo.io import read_volume_any
     from mltomo.io.star import read_star
 
@@ -121,34 +121,9 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
                     f"{name}: voxel size {vs:g} Å differs from the first particle's {header_voxel:g} Å")
             if not np.all(np.isfinite(vol)):
                 raise ParticleTableError(f"{name}: contains NaN or infinite voxels")
-            # Missing region.
-            if "rlnCtfImage" in df.columns and str(row["rlnCtfImage"]) not in ("", "nan", "None"):
-                label = "weights:" + str(row["rlnCtfImage"])
-            elif "mltomoMissingRegion" in df.columns and str(row["mltomoMissingRegion"]) not in ("", "nan"):
-                label = str(row["mltomoMissingRegion"])
-            elif "rlnTomoName" in df.columns and str(row["rlnTomoName"]) in tomo_regions:
-                label = tomo_regions[str(row["rlnTomoName"])]
-            else:
-                label = missing
+            label = _region_label(row, df.columns, tomo_regions, missing)
             if label not in masks:
-                if label.startswith("weights:"):
-                    wname = label[len("weights:"):]
-                    wvol, _ = read_volume_any(wname, star_dir)
-                    try:
-                        masks[label] = weight_volume_mask(wvol, weight_threshold)
-                    except ValueError as exc:
-                        raise ParticleTableError(f"{wname}: {exc}") from exc
-                else:
-                    try:
-                        masks[label] = missing_region_mask(parse_missing_region(label), box)
-                    except ValueError as exc:
-                        raise ParticleTableError(f"{name}: missing region {label!r}: {exc}") from exc
-                source = label.removeprefix("weights:")
-                if masks[label].shape != (box, box, box // 2 + 1):
-                    raise ParticleTableError(f"{source}: weight volume does not match the {box}³ particles")
-                if masks[label].sum() <= 1:  # the origin alone (a geometric region keeps a plane)
-                    raise ParticleTableError(f"{source}: missing region of {name} leaves no observed Fourier "
-                                             f"components besides the origin")
+                masks[label] = _region_mask(label, name, box, star_dir, weight_threshold)
             labels.append(label)
             spectra[i - a] = rfft_unitary(vol.astype(np.float32))
             names.append(name)
@@ -193,6 +168,44 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
         prior_shifts_angstrom=cols(("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst")),
         prior_classes=prior_classes,
     )
+
+
+def _region_label(row, columns, tomo_regions: dict, missing: str) -> str:
+    """The missing region of a table row: its weight volume (``rlnCtfImage``), its own
+    ``mltomoMissingRegion``, its tomogram's, else the command line's default."""
+    if "rlnCtfImage" in columns and str(row["rlnCtfImage"]) not in ("", "nan", "None"):
+        return "weights:" + str(row["rlnCtfImage"])
+    if "mltomoMissingRegion" in columns and str(row["mltomoMissingRegion"]) not in ("", "nan"):
+        return str(row["mltomoMissingRegion"])
+    if "rlnTomoName" in columns and str(row["rlnTomoName"]) in tomo_regions:
+        return tomo_regions[str(row["rlnTomoName"])]
+    return missing
+
+
+def _region_mask(label: str, name: str, box: int, star_dir, weight_threshold) -> np.ndarray:
+    """``(box, box, box//2+1)`` mask of a region label (``name``: the first particle using it)."""
+    from mltomo.fourier import missing_region_mask, parse_missing_region, weight_volume_mask
+    from mltomo.io import read_volume_any
+
+    if label.startswith("weights:"):
+        wname = label[len("weights:"):]
+        wvol, _ = read_volume_any(wname, star_dir)
+        try:
+            mask = weight_volume_mask(wvol, weight_threshold)
+        except ValueError as exc:
+            raise ParticleTableError(f"{wname}: {exc}") from exc
+    else:
+        try:
+            mask = missing_region_mask(parse_missing_region(label), box)
+        except ValueError as exc:
+            raise ParticleTableError(f"{name}: missing region {label!r}: {exc}") from exc
+    source = label.removeprefix("weights:")
+    if mask.shape != (box, box, box // 2 + 1):
+        raise ParticleTableError(f"{source}: weight volume does not match the {box}³ particles")
+    if mask.sum() <= 1:  # the origin alone (a geometric region keeps a plane)
+        raise ParticleTableError(f"{source}: missing region of {name} leaves no observed Fourier "
+                                 f"components besides the origin")
+    return mask
 
 
 def particles_from_arrays(volumes, voxel_size_angstrom: float, missing="none", names=None,

@@ -1,4 +1,6 @@
-"""References in Fourier space: the padded transforms the C++ core interpolates.
+"""References: the padded Fourier transforms the C++ core interpolates, and the real-space
+operations on references (soft sphere, low-pass, rotation, symmetrisation, the
+:class:`Constraints` every M-step applies).
 
 A reference ``a`` (n³, centre at n//2) is held for the E-step as its transform on a box of
 ``P = pad·n`` voxels (zero-padded in real space), normalised like the unitary n-box transform,

@@ -293,6 +293,32 @@ def sample_rotations(n: int, rng, preferred_orientation: str | None = None) -> n
     return np.concatenate(kept)[:n]
 
 
+def _class_probabilities(class_probabilities, K: int) -> np.ndarray:
+    """``(K,)`` normalised class probabilities (default equal)."""
+    if class_probabilities is None:
+        return np.full(K, 1.0 / K)
+    p = np.asarray(class_probabilities, dtype=np.float64)
+    if p.shape != (K,) or np.any(p < 0) or not p.sum() > 0:
+        raise ValueError(f"class probabilities must be {K} non-negative numbers, got {class_probabilities}")
+    return p / p.sum()
+
+
+def _observe(signal: np.ndarray, sigma: float, mask, noise_rng) -> np.ndarray:
+    """The observed particles: ``w ⊙ (FT(s) + FT(g))``, filled into ``signal`` in place,
+    particle by particle (noise drawn in particle order)."""
+    from mltomo.fourier import irfft_unitary, rfft_unitary
+
+    n = signal.shape[1]
+    for i in range(len(signal)):
+        x = signal[i]
+        if sigma > 0:
+            x = x + (sigma * noise_rng.standard_normal((n, n, n))).astype(np.float32)
+        if mask is not None:
+            x = irfft_unitary(rfft_unitary(x) * mask, n)
+        signal[i] = x
+    return signal
+
+
 def simulate(models, n_particles: int, box: int, voxel_size: float, resolution: float, snr: float,
              missing_region="wedge_y:-60:60", max_shift_voxels: int = 3,
              preferred_orientation: str | None = None, class_probabilities=None, seed: int = 0,
@@ -310,12 +336,7 @@ def simulate(models, n_particles: int, box: int, voxel_size: float, resolution: 
     Reproducible: poses come from one stream and noise from another, both derived from
     ``seed``, so runs differing only in ``snr`` have identical poses and classes.
     """
-    from mltomo.fourier import (
-        irfft_unitary,
-        missing_region_mask,
-        parse_missing_region,
-        rfft_unitary,
-    )
+    from mltomo.fourier import missing_region_mask, parse_missing_region
     from mltomo.geometry import euler_to_matrix, matrix_to_euler
 
     models = _as_models(models)
@@ -331,13 +352,7 @@ def simulate(models, n_particles: int, box: int, voxel_size: float, resolution: 
     if m != max_shift_voxels or m < 0:
         raise ValueError(f"max shift must be an integer >= 0 voxels, got {max_shift_voxels}")
     region = parse_missing_region(missing_region)
-    if class_probabilities is None:
-        p = np.full(K, 1.0 / K)
-    else:
-        p = np.asarray(class_probabilities, dtype=np.float64)
-        if p.shape != (K,) or np.any(p < 0) or not p.sum() > 0:
-            raise ValueError(f"class probabilities must be {K} non-negative numbers, got {class_probabilities}")
-        p = p / p.sum()
+    p = _class_probabilities(class_probabilities, K)
     if preferred_orientation == "none":
         preferred_orientation = None
 
@@ -369,14 +384,7 @@ def simulate(models, n_particles: int, box: int, voxel_size: float, resolution: 
     sigma = math.sqrt(signal_variance / snr) if math.isfinite(snr) else 0.0
 
     mask = None if region.kind == "none" else missing_region_mask(region, n)  # (n, n, n//2+1)
-    volumes = signal  # filled in place, particle by particle
-    for i in range(N):
-        x = signal[i]
-        if sigma > 0:
-            x = x + (sigma * noise_rng.standard_normal((n, n, n))).astype(np.float32)
-        if mask is not None:
-            x = irfft_unitary(rfft_unitary(x) * mask, n)
-        volumes[i] = x
+    volumes = _observe(signal, sigma, mask, noise_rng)
     return SimulatedData(
         volumes=volumes,
         classes=classes.astype(np.int64),
@@ -419,6 +427,37 @@ def _remove_previous(out: Path) -> None:
         for p in out.glob(pattern):
             if p.is_file():
                 p.unlink()
+
+
+def _truth_tables(sim: SimulatedData, names: list[str]):
+    """``(data_simulation parameters, data_particles truth table)`` of ``truth.star``."""
+    import pandas as pd
+
+    voxel = float(sim.voxel_size)
+    shifts_A = np.asarray(sim.shifts_voxels, dtype=np.float64) * voxel  # (N, 3)
+    truth = pd.DataFrame({
+        "rlnImageName": names,
+        "rlnClassNumber": np.asarray(sim.classes, dtype=np.int64),
+        "rlnAngleRot": sim.angles[:, 0],
+        "rlnAngleTilt": sim.angles[:, 1],
+        "rlnAnglePsi": sim.angles[:, 2],
+        "rlnOriginXAngst": shifts_A[:, 0],
+        "rlnOriginYAngst": shifts_A[:, 1],
+        "rlnOriginZAngst": shifts_A[:, 2],
+    })
+    params = {
+        "rlnImagePixelSize": voxel,
+        "rlnImageSize": sim.box,
+        "rlnNrClasses": int(sim.references.shape[0]),
+        "mltomoSnr": repr(float(sim.snr)),
+        "mltomoNoiseSigma": repr(float(sim.noise_sigma)),
+        "mltomoSignalVariance": repr(float(sim.signal_variance)),
+        "mltomoResolutionAngst": float(sim.resolution_angstrom),
+        "mltomoMissingRegion": sim.missing_region,
+        "mltomoPreferredOrientation": sim.preferred_orientation or "none",
+        "mltomoSeed": int(sim.seed),
+    }
+    return params, truth
 
 
 def write_dataset(sim: SimulatedData, out_dir, overwrite: bool = False, stack: bool = False) -> dict:
@@ -473,29 +512,7 @@ def write_dataset(sim: SimulatedData, out_dir, overwrite: bool = False, stack: b
         for name, vol in zip(names, sim.volumes):
             write_volume(out / name, vol, voxel)
 
-    shifts_A = np.asarray(sim.shifts_voxels, dtype=np.float64) * voxel  # (N, 3)
-    truth = pd.DataFrame({
-        "rlnImageName": names,
-        "rlnClassNumber": np.asarray(sim.classes, dtype=np.int64),
-        "rlnAngleRot": sim.angles[:, 0],
-        "rlnAngleTilt": sim.angles[:, 1],
-        "rlnAnglePsi": sim.angles[:, 2],
-        "rlnOriginXAngst": shifts_A[:, 0],
-        "rlnOriginYAngst": shifts_A[:, 1],
-        "rlnOriginZAngst": shifts_A[:, 2],
-    })
-    params = {
-        "rlnImagePixelSize": voxel,
-        "rlnImageSize": n,
-        "rlnNrClasses": int(sim.references.shape[0]),
-        "mltomoSnr": repr(float(sim.snr)),
-        "mltomoNoiseSigma": repr(float(sim.noise_sigma)),
-        "mltomoSignalVariance": repr(float(sim.signal_variance)),
-        "mltomoResolutionAngst": float(sim.resolution_angstrom),
-        "mltomoMissingRegion": sim.missing_region,
-        "mltomoPreferredOrientation": sim.preferred_orientation or "none",
-        "mltomoSeed": int(sim.seed),
-    }
+    params, truth = _truth_tables(sim, names)
     truth_path = out / TRUTH_STAR
     write_star(truth_path, {"simulation": params, "particles": truth})
 
