@@ -105,7 +105,7 @@ def run_config(args, star: Path, ranks: int, threads: int, out: Path) -> dict:
     if ranks > 1:
         mpiexec = shutil.which("mpiexec")
         if mpiexec is None:
-            raise SystemExit("bench_scaling: mpiexec is not on PATH (pip install mpich mpi4py)")
+            raise SystemExit("bench_scaling: mpiexec is not on PATH (pip install '.[mpi]')")
         cmd = [mpiexec, "-n", str(ranks), "-bind-to", f"core:{threads}" if threads > 1 else "core", *cmd]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}
     env["OMP_NUM_THREADS"] = str(threads)

@@ -218,10 +218,15 @@ def test_working_radius_and_box():
             assert nw <= n and (nw == n or (nw % 2 == 0 and r <= nw / 2 - 1))
 
 
-def test_working_mask_selects_radius():
-    m = ft.working_mask(36, 16.0)
-    assert m.dtype == bool and m.shape == (36, 36, 19)
-    assert m[0, 0, 16] and not m[0, 0, 17] and m[16 % 36, 0, 0] and not m[1, 1, 16]
-    # the working set counted over the full spectrum
-    J = (ft.half_weights(36) * m).sum()
+def test_working_set_selects_radius():
+    """The core's working set (what the E-step and M-step sum over) is |k| ≤ radius on the
+    half spectrum, with full-spectrum multiplicities."""
+    from mltomo import _core
+
+    ws = _core.working_set(36, 16.0)
+    inside = ft.radius_half(36) <= 16.0 + 1e-9
+    np.testing.assert_array_equal(np.sort(ws["index"]), np.flatnonzero(inside))
+    np.testing.assert_array_equal(ws["hweight"], ft.half_weights(36).ravel()[ws["index"]])
+    assert inside[0, 0, 16] and not inside[0, 0, 17] and inside[16 % 36, 0, 0] and not inside[1, 1, 16]
+    J = float(ws["hweight"].sum())  # the working set counted over the full spectrum
     assert abs(J - 4 / 3 * math.pi * 16**3) / J < 0.02

@@ -47,7 +47,6 @@ __all__ = [
     "fsc",
     "working_radius",
     "working_box",
-    "working_mask",
     "MissingRegion",
     "parse_missing_region",
     "missing_region_mask",
@@ -361,11 +360,6 @@ def working_box(n: int, radius: float) -> int:
             return m
         m += 2
     return n
-
-
-def working_mask(n_w: int, radius: float) -> np.ndarray:
-    """Working set of an ``n_w³`` box: bool ``(n_w, n_w, n_w//2+1)``, true where |k| ≤ radius."""
-    return radius_half(n_w) <= radius + 1e-9
 
 
 # --------------------------------------------------------------------------------------------
