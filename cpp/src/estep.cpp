@@ -20,6 +20,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // wider maps use one forward FFT.
 constexpr int kDirectPhaseMax = 12;
 constexpr int kMaxCachedGroups = 64;
+// Log-weights are stored in float32 relative to a per-particle offset (double). The offset is
+// the first scored map's maximum and moves up to a new map's maximum when that exceeds it by
+// more than this, so every stored value that can still matter lies within about
+// [log prune, kRebase] of zero, where float32 resolves ~4e-6 nats (at 1e5 it resolves 0.008).
+constexpr double kRebase = 32.0;
+
 // sum_j h_j w_j |a_j|^2 in double with independent partial sums (a long dependent chain of
 // additions would cost more than the products).
 double weighted_norm(const float* h, const float* w, const cfloat* a, std::size_t J) {
@@ -46,7 +52,8 @@ struct Candidates {
   std::vector<float> best;       // max over t of the log-weight
   std::vector<float> maps;       // T log-weights per candidate
   float run_best = kNegInf;
-  double offset = 0;  // log-weights are stored as L - offset
+  double offset = 0;
+  bool has_offset = false;
   std::size_t compact_at = 64;
   // CC mode: the single best sample and its d^2 - sum w |X|^2.
   std::int32_t cc_kr = -1, cc_t = -1;
@@ -58,9 +65,21 @@ struct Candidates {
     best.clear();
     maps.clear();
     run_best = kNegInf;
+    offset = 0;
+    has_offset = false;
     compact_at = 64;
     cc_kr = cc_t = -1;
     cc_s = 0;
+  }
+
+  // Moves the offset to `to`; stored values that can still matter change by less than
+  // kRebase + |log prune|, so the float subtraction is exact to their resolution.
+  void rebase(double to) {
+    const float d = static_cast<float>(to - offset);
+    for (float& v : maps) v -= d;
+    for (float& v : best) v -= d;
+    run_best -= d;
+    offset = to;
   }
 
   void compact(double log_prune, int T) {
@@ -87,6 +106,12 @@ struct Candidates {
     double mxd = -std::numeric_limits<double>::infinity();
     for (int t = 0; t < T; ++t) mxd = std::max(mxd, L[t]);
     if (!std::isfinite(mxd)) return false;
+    if (!has_offset) {
+      offset = mxd;
+      has_offset = true;
+    } else if (mxd - offset > kRebase) {
+      rebase(mxd);
+    }
     const float mx = static_cast<float>(mxd - offset);
     if (mx > run_best) run_best = mx;
     if (mx < run_best + log_prune) return false;
@@ -380,7 +405,7 @@ void EStepPlan::score_block(EStepRun& run, int r0, int r1) {
             c.run_best = static_cast<float>(cc);
             c.cc_kr = kr;
             c.cc_t = t;
-            c.cc_s = static_cast<float>(ref_norm - 2.0 * cross[tidx_[t]]);
+            c.cc_s = ref_norm - 2.0 * cross[tidx_[t]];
           }
         }
       }
