@@ -94,18 +94,10 @@ py::array_t<cfloat> rotate_forward(py::handle grid, double pad, py::handle rotat
   const py::ssize_t P = dim<cfloat>(grid, "grid", 3, 0);
   const cfloat* g = checked<cfloat>(grid, "grid", {P, P, P / 2 + 1});
   const double* R = checked<double>(rotation, "rotation", {3, 3});
-  const mltomo::WorkingSet ws = mltomo::make_working_set(n, radius);
-  const mltomo::PaddedGeometry geo{static_cast<int>(P), pad};
-  if (pad * radius + 1 > P / 2.0) throw py::value_error("grid too small for pad and radius");
   py::array_t<cfloat> out({n, n, n / 2 + 1});
   cfloat* o = out.mutable_data();
-  {
-    py::gil_scoped_release release;
-    std::vector<cfloat> vals(ws.size());
-    mltomo::gather(g, geo, R, ws, vals.data());
-    std::fill(o, o + ws.half_size(), cfloat(0, 0));
-    for (std::size_t j = 0; j < ws.size(); ++j) o[ws.index[j]] = vals[j];
-  }
+  py::gil_scoped_release release;
+  mltomo::rotate_forward(g, mltomo::PaddedGeometry{static_cast<int>(P), pad}, R, n, radius, o);
   return out;
 }
 
@@ -119,27 +111,9 @@ void rotate_back(py::handle values, py::handle weights, double pad, py::handle r
   cdouble* s = checked<cdouble>(S, "S", {P, P, P / 2 + 1}, true);
   double* m = checked<double>(M, "M", {P, P, P / 2 + 1}, true);
   double* mf = Mfull.is_none() ? nullptr : checked<double>(Mfull, "Mfull", {P, P, P / 2 + 1}, true);
-  const mltomo::WorkingSet ws = mltomo::make_working_set(static_cast<int>(n), radius);
-  const mltomo::PaddedGeometry geo{static_cast<int>(P), pad};
-  if (pad * radius + 1 > P / 2.0) throw py::value_error("S too small for pad and radius");
   py::gil_scoped_release release;
-  std::vector<cdouble> vals(ws.size());
-  std::vector<double> wts(ws.size());
-  for (std::size_t j = 0; j < ws.size(); ++j) {
-    vals[j] = v[ws.index[j]];
-    wts[j] = w[ws.index[j]];
-  }
-  std::vector<cdouble> s_tmp(geo.half_size(), cdouble(0, 0));
-  std::vector<double> m_tmp(geo.half_size(), 0.0), f_tmp(mf ? geo.half_size() : 0, 0.0);
-  mltomo::scatter(vals.data(), wts.data(), full_weight, geo, R, ws, s_tmp.data(), m_tmp.data(),
-                  mf ? f_tmp.data() : nullptr);
-  mltomo::fold_x0_plane(geo, s_tmp.data(), m_tmp.data());
-  if (mf) mltomo::fold_x0_plane(geo, f_tmp.data());
-  for (std::size_t q = 0; q < geo.half_size(); ++q) {
-    s[q] += s_tmp[q];
-    m[q] += m_tmp[q];
-    if (mf) mf[q] += f_tmp[q];
-  }
+  mltomo::rotate_back(v, w, static_cast<int>(n), radius, full_weight, mltomo::PaddedGeometry{static_cast<int>(P), pad},
+                      R, s, m, mf);
 }
 
 // The E-step plan of one iteration, as Python sees it: keeps the borrowed reference and mask
