@@ -3,12 +3,11 @@ reused across chunks of particles."""
 
 import numpy as np
 import pytest
+from test_estep_oracle import half, make_problem
 
 from mltomo import _core
 from mltomo.estep import Sums, estep
 from mltomo.reference import padded_transform
-
-from test_estep_oracle import half, make_problem
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +19,18 @@ def problem():
 
 
 def make_plan(pb, refs, **kw):
-    args = dict(refs=refs, pad=2.0, masks=pb["masks"], radius=3.0, rotations=pb["rots"], shifts=pb["shifts"],
-                log_prior_shift=pb["lp"], log_alpha=pb["la"], sigma2=pb["sigma2"], nthreads=1)
+    args = {
+        "refs": refs,
+        "pad": 2.0,
+        "masks": pb["masks"],
+        "radius": 3.0,
+        "rotations": pb["rots"],
+        "shifts": pb["shifts"],
+        "log_prior_shift": pb["lp"],
+        "log_alpha": pb["la"],
+        "sigma2": pb["sigma2"],
+        "nthreads": 1,
+    }
     args.update(kw)
     return _core.EStepPlan(**args)
 
@@ -39,7 +48,9 @@ def test_a_list_is_refused_before_its_shape_is_read(problem):
     with pytest.raises(TypeError, match="grid must be a numpy array"):
         _core.rotate_forward(refs[0].tolist(), 2.0, np.eye(3), 8, 3.0)
     with pytest.raises(TypeError, match="values must be a numpy array"):
-        _core.rotate_back(parts[0].tolist(), pb["masks"][0], 2.0, np.eye(3), 3.0, sums.S[0], sums.M[0])
+        _core.rotate_back(
+            parts[0].tolist(), pb["masks"][0], 2.0, np.eye(3), 3.0, sums.S[0], sums.M[0]
+        )
 
 
 def test_arguments_are_checked_and_named(problem):
@@ -78,18 +89,48 @@ def test_accumulators_are_taken_by_name(problem):
         plan.run(particles=parts, groups=pb["groups"], sums=object())
     res = plan.run(particles=parts, groups=pb["groups"], sums=Sums.zeros(K, P))
     assert set(res) == {"scores", "counters"}
-    assert set(res["scores"]) == {"best_class", "best_rot", "best_shift", "max_post", "n_significant",
-                                  "log_sum", "x_norm", "n_observed"}
-    assert res["scores"]["best_class"].dtype == np.int32 and res["scores"]["max_post"].dtype == np.float64
+    assert set(res["scores"]) == {
+        "best_class",
+        "best_rot",
+        "best_shift",
+        "max_post",
+        "n_significant",
+        "log_sum",
+        "x_norm",
+        "n_observed",
+    }
+    assert (
+        res["scores"]["best_class"].dtype == np.int32
+        and res["scores"]["max_post"].dtype == np.float64
+    )
 
 
 def test_one_plan_over_chunks_equals_one_call(problem):
     pb, refs, parts = problem
-    args = (refs, 2, parts, pb["masks"], pb["groups"], 3, pb["rots"], pb["shifts"], pb["lp"], pb["la"],
-            pb["sigma2"])
+    args = (
+        refs,
+        2,
+        parts,
+        pb["masks"],
+        pb["groups"],
+        3,
+        pb["rots"],
+        pb["shifts"],
+        pb["lp"],
+        pb["la"],
+        pb["sigma2"],
+    )
     whole, sw, cw = estep(*args, nthreads=1)
     chunked, sc, cc = estep(*args, nthreads=1, memory_budget_bytes=1)  # chunks of 4 particles
-    for name in ("best_class", "best_rot", "best_shift", "max_post", "n_significant", "log_sum", "x_norm"):
+    for name in (
+        "best_class",
+        "best_rot",
+        "best_shift",
+        "max_post",
+        "n_significant",
+        "log_sum",
+        "x_norm",
+    ):
         np.testing.assert_array_equal(getattr(sc, name), getattr(sw, name))
     np.testing.assert_allclose(chunked.S, whole.S, rtol=1e-12, atol=1e-12 * np.abs(whole.S).max())
     np.testing.assert_allclose(chunked.W, whole.W, rtol=1e-12)
@@ -112,9 +153,34 @@ def test_cached_and_streamed_rotations_agree_with_local_search(problem):
     for cache in (256.0 * (1 << 20), 0.0):
         plan = make_plan(pb, refs, rot_block=2, rotated_cache_bytes=cache)
         sums = Sums.zeros(*refs.shape[:2])
-        scores = [plan.run(particles=parts[a:a + 3], groups=pb["groups"][a:a + 3], sums=sums,
-                           rot_mask=rot_mask[a:a + 3])["scores"] for a in range(0, len(parts), 3)]
+        scores = [
+            plan.run(
+                particles=parts[a : a + 3],
+                groups=pb["groups"][a : a + 3],
+                sums=sums,
+                rot_mask=rot_mask[a : a + 3],
+            )["scores"]
+            for a in range(0, len(parts), 3)
+        ]
         results.append((sums, np.concatenate([s["max_post"] for s in scores])))
     (a, pa), (b, pb_) = results
     assert np.array_equal(a.S, b.S) and np.array_equal(a.M, b.M) and np.array_equal(a.W, b.W)
     np.testing.assert_array_equal(pa, pb_)
+
+
+def test_no_particles_builds_no_plan(problem):
+    pb, refs, parts = problem
+    sums, sc, c = estep(
+        refs,
+        2,
+        parts[:0],
+        pb["masks"],
+        pb["groups"][:0],
+        3,
+        pb["rots"],
+        pb["shifts"],
+        pb["lp"],
+        pb["la"],
+        pb["sigma2"],
+    )
+    assert len(sc.max_post) == 0 and c["samples"] == 0 and not sums.S.any()

@@ -1,19 +1,17 @@
 """Log-weights keep their precision when they are large (issue 11, item 3).
 
-The E-step used to store log-weights log α + log p(t) − (Σw|RA|² − 2 Re Σ wX̄ φ_t RA)/2σ² in
-float32 as they are. With references of power Σ w|RA|²/2σ² ≈ 1e5 float32 resolves 0.008 nats
-there, so every sample's weight is off by up to ±0.4 %: max_post and S moved by ~1e-3 against the
-oracle. The core now
-stores them relative to a per-particle offset held in double.
+The E-step used to store log-weights log α + log p(t) − (Σw|RA|² − 2 Re Σ wX̄ φ_t RA)/2σ²
+in float32 as they are. With references of power Σ w|RA|²/2σ² ≈ 1e5 float32 resolves 0.008 nats
+there, so every sample's weight is off by up to ±0.4 %: max_post and S moved by ~1e-3 against
+the oracle. The core now stores them relative to a per-particle offset held in double.
 """
 
 import numpy as np
+from oracle import oracle_estep
+from test_estep_oracle import half, make_problem
 
 from mltomo.estep import estep
 from mltomo.reference import padded_transform
-
-from oracle import oracle_estep
-from test_estep_oracle import half, make_problem
 
 
 def large_logweight_problem():
@@ -26,8 +24,14 @@ def large_logweight_problem():
     # The data as the core sees it (complex64), in double for the oracle.
     spectra = np.stack([half(x) for x in rng.normal(scale=1e-3, size=pb["parts"].shape)])
     n = pb["n"]
-    pb["parts"] = np.stack([np.fft.fftshift(np.fft.irfftn(s.astype(np.complex128), s=(n, n, n), axes=(0, 1, 2),
-                                                          norm="ortho")) for s in spectra])
+    pb["parts"] = np.stack(
+        [
+            np.fft.fftshift(
+                np.fft.irfftn(s.astype(np.complex128), s=(n, n, n), axes=(0, 1, 2), norm="ortho")
+            )
+            for s in spectra
+        ]
+    )
     lp = -0.5 * (pb["shifts"] ** 2).sum(1) / 4.0
     pb["lp"] = lp - np.log(np.exp(lp).sum())
     return pb, spectra
@@ -36,10 +40,34 @@ def large_logweight_problem():
 def test_large_log_weights_match_the_oracle():
     pb, spectra = large_logweight_problem()
     refs = np.stack([padded_transform(a, 2, True) for a in pb["refs"]])
-    sums, sc, _ = estep(refs, 2, spectra, pb["masks"], pb["groups"], 3, pb["rots"], pb["shifts"], pb["lp"],
-                        pb["la"], pb["sigma2"], prune=0.0, nthreads=1)
-    ora = oracle_estep(pb["refs"], pb["parts"], pb["masks"], pb["groups"], 2, 3, pb["rots"], pb["shifts"],
-                       pb["lp"], pb["la"], pb["sigma2"])
+    sums, sc, _ = estep(
+        refs,
+        2,
+        spectra,
+        pb["masks"],
+        pb["groups"],
+        3,
+        pb["rots"],
+        pb["shifts"],
+        pb["lp"],
+        pb["la"],
+        pb["sigma2"],
+        prune=0.0,
+        nthreads=1,
+    )
+    ora = oracle_estep(
+        pb["refs"],
+        pb["parts"],
+        pb["masks"],
+        pb["groups"],
+        2,
+        3,
+        pb["rots"],
+        pb["shifts"],
+        pb["lp"],
+        pb["la"],
+        pb["sigma2"],
+    )
     top = np.min([np.max(L) for L in ora["posteriors"]])
     assert 0.2 < top < 0.9  # broad posteriors: every sample's weight matters
 

@@ -131,15 +131,15 @@ def estep(
     nthreads = nthreads or _core.max_threads()
     per_particle = K * R * T * 4 + particles[0].nbytes * 2 if N else 1
     chunk = int(np.clip(memory_budget_bytes // max(per_particle, 1), 4 * nthreads, 4096))
-    counters = dict(samples=0, kept=0, maps_pruned=0, seconds_rotate=0.0, seconds_score=0.0,
-                    seconds_accumulate=0.0, seconds_total=0.0)
+    counters = {"samples": 0, "kept": 0, "maps_pruned": 0, "seconds_rotate": 0.0,
+                "seconds_score": 0.0, "seconds_accumulate": 0.0, "seconds_total": 0.0}
     groups = np.ascontiguousarray(groups, dtype=np.int32)
     # What is fixed for the call (FFT plan, working set, shift tables, rotated references) is
     # built once; the chunks only bound the memory of the translation maps.
-    plan = _core.EStepPlan(
-        refs=refs, pad=float(pad), masks=masks, radius=float(radius), rotations=rotations, shifts=shifts,
-        log_prior_shift=log_prior_shift, log_alpha=log_alpha, sigma2=float(sigma2), mode=mode,
-        prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block),
+    plan = None if N == 0 else _core.EStepPlan(
+        refs=refs, pad=float(pad), masks=masks, radius=float(radius), rotations=rotations,
+        shifts=shifts, log_prior_shift=log_prior_shift, log_alpha=log_alpha, sigma2=float(sigma2),
+        mode=mode, prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block),
     )
     for a in range(0, N, chunk):
         b = min(N, a + chunk)
