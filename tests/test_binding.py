@@ -9,6 +9,8 @@ from mltomo import _core
 from mltomo.estep import Sums, estep
 from mltomo.reference import padded_transform
 
+SCORES = ("best_class", "best_rot", "best_shift", "max_post", "n_significant", "log_sum", "x_norm")
+
 
 @pytest.fixture(scope="module")
 def problem():
@@ -89,48 +91,17 @@ def test_accumulators_are_taken_by_name(problem):
         plan.run(particles=parts, groups=pb["groups"], sums=object())
     res = plan.run(particles=parts, groups=pb["groups"], sums=Sums.zeros(K, P))
     assert set(res) == {"scores", "counters"}
-    assert set(res["scores"]) == {
-        "best_class",
-        "best_rot",
-        "best_shift",
-        "max_post",
-        "n_significant",
-        "log_sum",
-        "x_norm",
-        "n_observed",
-    }
-    assert (
-        res["scores"]["best_class"].dtype == np.int32
-        and res["scores"]["max_post"].dtype == np.float64
-    )
-
+    assert set(res["scores"]) == set(SCORES) | {"n_observed"}
+    assert res["scores"]["best_class"].dtype == np.int32
+    assert res["scores"]["max_post"].dtype == np.float64
 
 def test_one_plan_over_chunks_equals_one_call(problem):
     pb, refs, parts = problem
-    args = (
-        refs,
-        2,
-        parts,
-        pb["masks"],
-        pb["groups"],
-        3,
-        pb["rots"],
-        pb["shifts"],
-        pb["lp"],
-        pb["la"],
-        pb["sigma2"],
-    )
+    search = (pb["rots"], pb["shifts"], pb["lp"], pb["la"], pb["sigma2"])
+    args = (refs, 2, parts, pb["masks"], pb["groups"], 3, *search)
     whole, sw, cw = estep(*args, nthreads=1)
     chunked, sc, cc = estep(*args, nthreads=1, memory_budget_bytes=1)  # chunks of 4 particles
-    for name in (
-        "best_class",
-        "best_rot",
-        "best_shift",
-        "max_post",
-        "n_significant",
-        "log_sum",
-        "x_norm",
-    ):
+    for name in SCORES:
         np.testing.assert_array_equal(getattr(sc, name), getattr(sw, name))
     np.testing.assert_allclose(chunked.S, whole.S, rtol=1e-12, atol=1e-12 * np.abs(whole.S).max())
     np.testing.assert_allclose(chunked.W, whole.W, rtol=1e-12)
@@ -153,15 +124,12 @@ def test_cached_and_streamed_rotations_agree_with_local_search(problem):
     for cache in (256.0 * (1 << 20), 0.0):
         plan = make_plan(pb, refs, rot_block=2, rotated_cache_bytes=cache)
         sums = Sums.zeros(*refs.shape[:2])
-        scores = [
-            plan.run(
-                particles=parts[a : a + 3],
-                groups=pb["groups"][a : a + 3],
-                sums=sums,
-                rot_mask=rot_mask[a : a + 3],
-            )["scores"]
-            for a in range(0, len(parts), 3)
-        ]
+        scores = []
+        for a in range(0, len(parts), 3):
+            chunk = slice(a, a + 3)
+            res = plan.run(particles=parts[chunk], groups=pb["groups"][chunk], sums=sums,
+                           rot_mask=rot_mask[chunk])
+            scores.append(res["scores"])
         results.append((sums, np.concatenate([s["max_post"] for s in scores])))
     (a, pa), (b, pb_) = results
     assert np.array_equal(a.S, b.S) and np.array_equal(a.M, b.M) and np.array_equal(a.W, b.W)
@@ -170,17 +138,6 @@ def test_cached_and_streamed_rotations_agree_with_local_search(problem):
 
 def test_no_particles_builds_no_plan(problem):
     pb, refs, parts = problem
-    sums, sc, c = estep(
-        refs,
-        2,
-        parts[:0],
-        pb["masks"],
-        pb["groups"][:0],
-        3,
-        pb["rots"],
-        pb["shifts"],
-        pb["lp"],
-        pb["la"],
-        pb["sigma2"],
-    )
+    search = (pb["rots"], pb["shifts"], pb["lp"], pb["la"], pb["sigma2"])
+    sums, sc, c = estep(refs, 2, parts[:0], pb["masks"], pb["groups"][:0], 3, *search)
     assert len(sc.max_post) == 0 and c["samples"] == 0 and not sums.S.any()

@@ -40,34 +40,10 @@ def large_logweight_problem():
 def test_large_log_weights_match_the_oracle():
     pb, spectra = large_logweight_problem()
     refs = np.stack([padded_transform(a, 2, True) for a in pb["refs"]])
-    sums, sc, _ = estep(
-        refs,
-        2,
-        spectra,
-        pb["masks"],
-        pb["groups"],
-        3,
-        pb["rots"],
-        pb["shifts"],
-        pb["lp"],
-        pb["la"],
-        pb["sigma2"],
-        prune=0.0,
-        nthreads=1,
-    )
-    ora = oracle_estep(
-        pb["refs"],
-        pb["parts"],
-        pb["masks"],
-        pb["groups"],
-        2,
-        3,
-        pb["rots"],
-        pb["shifts"],
-        pb["lp"],
-        pb["la"],
-        pb["sigma2"],
-    )
+    search = (pb["rots"], pb["shifts"], pb["lp"], pb["la"], pb["sigma2"])
+    sums, sc, _ = estep(refs, 2, spectra, pb["masks"], pb["groups"], 3, *search, prune=0.0,
+                        nthreads=1)
+    ora = oracle_estep(pb["refs"], pb["parts"], pb["masks"], pb["groups"], 2, 3, *search)
     top = np.min([np.max(L) for L in ora["posteriors"]])
     assert 0.2 < top < 0.9  # broad posteriors: every sample's weight matters
 
