@@ -1,14 +1,15 @@
-// pybind11 bindings: thin. Each function checks dtype, shape and C-contiguity of every array
-// (naming the argument in the error), never copies, releases the GIL and calls C++ that knows
-// nothing of Python. numpy owns every buffer; accumulators are added into.
+// pybind11 bindings: thin. Each function checks that every array argument is an ndarray, then
+// its dtype, dimensions, C-contiguity and shape (naming the argument in the error), never
+// copies, releases the GIL and calls C++ that knows nothing of Python. numpy owns every buffer:
+// accumulators are the caller's, added into by name; per-particle outputs are new arrays.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <omp.h>
 
 #include <complex>
-#include <memory>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
