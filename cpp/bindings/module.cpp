@@ -1,6 +1,7 @@
-// pybind11 bindings: thin. Each function checks dtype, shape and C-contiguity of every array
-// (naming the argument in the error), never copies, releases the GIL and calls C++ that knows
-// nothing of Python. numpy owns every buffer; accumulators are added into.
+// pybind11 bindings: thin. Each function checks that every array argument is an ndarray, then
+// its dtype, dimensions, C-contiguity and shape (naming the argument in the error), never
+// copies, releases the GIL and calls C++ that knows nothing of Python. numpy owns every buffer:
+// accumulators are the caller's, added into by name; per-particle outputs are new arrays.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,6 +9,7 @@
 
 #include <complex>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -40,26 +42,40 @@ std::string shape_str(const std::vector<py::ssize_t>& s) {
   return r + (s.size() == 1 ? ",)" : ")");
 }
 
-// Checks a numpy array without converting it; -1 in `shape` accepts any extent.
+// The numpy array `obj` must be, checked in this order before anything reads its shape: an
+// ndarray, of dtype T, with `ndim` axes, C-contiguous (and writable if asked). Never converts.
 template <class T>
-T* checked(py::handle obj, const char* name, std::vector<py::ssize_t> shape, bool writable = false) {
-  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + " must be a numpy array");
+py::array array_arg(py::handle obj, const std::string& name, int ndim, bool writable = false) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(name + " must be a numpy array, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
   auto a = py::reinterpret_borrow<py::array>(obj);
   if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(name) + " must have dtype " + dtype_name<T>() + ", got " +
-                         std::string(py::str(a.dtype())));
-  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+    throw py::type_error(name + " must have dtype " + dtype_name<T>() + ", got " + std::string(py::str(a.dtype())));
+  if (a.ndim() != ndim)
+    throw py::value_error(name + " must have " + std::to_string(ndim) + " dimensions, got " + std::to_string(a.ndim()));
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(name + " must be C-contiguous");
+  if (writable && !a.writeable()) throw py::value_error(name + " must be writable");
+  return a;
+}
+
+// array_arg, then the shape (-1 accepts any extent); returns the data pointer.
+template <class T>
+T* checked(py::handle obj, const std::string& name, std::vector<py::ssize_t> shape, bool writable = false) {
+  py::array a = array_arg<T>(obj, name, static_cast<int>(shape.size()), writable);
+  bool ok = true;
   for (std::size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
   if (!ok) {
     std::vector<py::ssize_t> got(a.shape(), a.shape() + a.ndim());
-    throw py::value_error(std::string(name) + " must have shape " + shape_str(shape) + ", got " + shape_str(got));
+    throw py::value_error(name + " must have shape " + shape_str(shape) + ", got " + shape_str(got));
   }
-  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
-  if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
   return static_cast<T*>(const_cast<void*>(a.data()));
 }
 
-py::ssize_t dim(py::handle obj, int axis) { return py::reinterpret_borrow<py::array>(obj).shape(axis); }
+// Extent of `axis` of an argument that passes array_arg.
+template <class T>
+py::ssize_t dim(py::handle obj, const std::string& name, int ndim, int axis) {
+  return array_arg<T>(obj, name, ndim).shape(axis);
+}
 
 int thread_count(int nthreads) { return nthreads > 0 ? nthreads : omp_get_max_threads(); }
 
@@ -76,123 +92,122 @@ py::dict working_set(int n, double radius) {
 }
 
 py::array_t<cfloat> rotate_forward(py::handle grid, double pad, py::handle rotation, int n, double radius) {
-  const py::ssize_t P = dim(grid, 0);
+  const py::ssize_t P = dim<cfloat>(grid, "grid", 3, 0);
   const cfloat* g = checked<cfloat>(grid, "grid", {P, P, P / 2 + 1});
   const double* R = checked<double>(rotation, "rotation", {3, 3});
-  const mltomo::WorkingSet ws = mltomo::make_working_set(n, radius);
-  const mltomo::PaddedGeometry geo{static_cast<int>(P), pad};
-  if (pad * radius + 1 > P / 2.0) throw py::value_error("grid too small for pad and radius");
   py::array_t<cfloat> out({n, n, n / 2 + 1});
   cfloat* o = out.mutable_data();
-  {
-    py::gil_scoped_release release;
-    std::vector<cfloat> vals(ws.size());
-    mltomo::gather(g, geo, R, ws, vals.data());
-    std::fill(o, o + ws.half_size(), cfloat(0, 0));
-    for (std::size_t j = 0; j < ws.size(); ++j) o[ws.index[j]] = vals[j];
-  }
+  py::gil_scoped_release release;
+  mltomo::rotate_forward(g, mltomo::PaddedGeometry{static_cast<int>(P), pad}, R, n, radius, o);
   return out;
 }
 
 void rotate_back(py::handle values, py::handle weights, double pad, py::handle rotation, double radius, py::handle S,
                  py::handle M, py::object Mfull, double full_weight) {
-  const py::ssize_t n = dim(values, 0);
+  const py::ssize_t n = dim<cfloat>(values, "values", 3, 0);
   const cfloat* v = checked<cfloat>(values, "values", {n, n, n / 2 + 1});
   const float* w = checked<float>(weights, "weights", {n, n, n / 2 + 1});
   const double* R = checked<double>(rotation, "rotation", {3, 3});
-  const py::ssize_t P = dim(S, 0);
+  const py::ssize_t P = dim<cdouble>(S, "S", 3, 0);
   cdouble* s = checked<cdouble>(S, "S", {P, P, P / 2 + 1}, true);
   double* m = checked<double>(M, "M", {P, P, P / 2 + 1}, true);
   double* mf = Mfull.is_none() ? nullptr : checked<double>(Mfull, "Mfull", {P, P, P / 2 + 1}, true);
-  const mltomo::WorkingSet ws = mltomo::make_working_set(static_cast<int>(n), radius);
-  const mltomo::PaddedGeometry geo{static_cast<int>(P), pad};
-  if (pad * radius + 1 > P / 2.0) throw py::value_error("S too small for pad and radius");
   py::gil_scoped_release release;
-  std::vector<cdouble> vals(ws.size());
-  std::vector<double> wts(ws.size());
-  for (std::size_t j = 0; j < ws.size(); ++j) {
-    vals[j] = v[ws.index[j]];
-    wts[j] = w[ws.index[j]];
-  }
-  std::vector<cdouble> s_tmp(geo.half_size(), cdouble(0, 0));
-  std::vector<double> m_tmp(geo.half_size(), 0.0), f_tmp(mf ? geo.half_size() : 0, 0.0);
-  mltomo::scatter(vals.data(), wts.data(), full_weight, geo, R, ws, s_tmp.data(), m_tmp.data(),
-                  mf ? f_tmp.data() : nullptr);
-  mltomo::fold_x0_plane(geo, s_tmp.data(), m_tmp.data());
-  if (mf) mltomo::fold_x0_plane(geo, f_tmp.data());
-  for (std::size_t q = 0; q < geo.half_size(); ++q) {
-    s[q] += s_tmp[q];
-    m[q] += m_tmp[q];
-    if (mf) mf[q] += f_tmp[q];
-  }
+  mltomo::rotate_back(v, w, static_cast<int>(n), radius, full_weight, mltomo::PaddedGeometry{static_cast<int>(P), pad},
+                      R, s, m, mf);
 }
 
-py::dict estep(py::handle refs, double pad, py::handle particles, py::handle masks, py::handle groups, double radius,
-               py::handle rotations, py::handle shifts, py::handle log_prior_shift, py::handle log_alpha,
-               double sigma2, py::handle W, py::handle S, py::handle M, py::handle Mfull, py::handle sums, py::handle best_class,
-               py::handle best_rot, py::handle best_shift, py::handle max_post, py::handle n_significant,
-               py::handle log_sum, py::handle x_norm, py::handle n_observed, py::object rot_mask, int mode,
-               double prune, int nthreads, int rot_block) {
-  mltomo::EStepProblem pb;
-  const py::ssize_t K = dim(refs, 0), P = dim(refs, 1);
-  pb.refs = checked<cfloat>(refs, "refs", {K, P, P, P / 2 + 1});
-  pb.K = static_cast<int>(K);
-  pb.grid = mltomo::PaddedGeometry{static_cast<int>(P), pad};
-  const py::ssize_t N = dim(particles, 0), n = dim(particles, 1);
-  pb.particles = checked<cfloat>(particles, "particles", {N, n, n, n / 2 + 1});
-  pb.N = static_cast<int>(N);
-  pb.n = static_cast<int>(n);
-  const py::ssize_t G = dim(masks, 0);
-  pb.masks = checked<float>(masks, "masks", {G, n, n, n / 2 + 1});
-  pb.G = static_cast<int>(G);
-  pb.group = checked<std::int32_t>(groups, "groups", {N});
-  pb.radius = radius;
-  const py::ssize_t R = dim(rotations, 0);
-  pb.rotations = checked<double>(rotations, "rotations", {R, 3, 3});
-  pb.R = static_cast<int>(R);
-  const py::ssize_t T = dim(shifts, 0);
-  pb.shifts = checked<std::int32_t>(shifts, "shifts", {T, 3});
-  pb.T = static_cast<int>(T);
-  pb.log_prior_shift = checked<double>(log_prior_shift, "log_prior_shift", {T});
-  pb.log_alpha = checked<double>(log_alpha, "log_alpha", {K});
-  pb.rot_mask = rot_mask.is_none() ? nullptr : checked<std::uint8_t>(rot_mask, "rot_mask", {N, R});
-  pb.sigma2 = sigma2;
-  if (mode != 0 && mode != 1) throw py::value_error("mode must be 0 (ML) or 1 (CC)");
-  pb.mode = static_cast<mltomo::ScoreMode>(mode);
-  pb.prune = prune;
-  pb.nthreads = thread_count(nthreads);
-  pb.rot_block = rot_block;
-
-  mltomo::EStepResult out;
-  out.W = checked<double>(W, "W", {K}, true);
-  out.S = checked<cdouble>(S, "S", {K, P, P, P / 2 + 1}, true);
-  out.M = checked<double>(M, "M", {K, P, P, P / 2 + 1}, true);
-  out.Mfull = checked<double>(Mfull, "Mfull", {K, P, P, P / 2 + 1}, true);
-  out.sums = checked<double>(sums, "sums", {2}, true);
-  out.best_class = checked<std::int32_t>(best_class, "best_class", {N}, true);
-  out.best_rot = checked<std::int32_t>(best_rot, "best_rot", {N}, true);
-  out.best_shift = checked<std::int32_t>(best_shift, "best_shift", {N}, true);
-  out.max_post = checked<double>(max_post, "max_post", {N}, true);
-  out.n_significant = checked<std::int64_t>(n_significant, "n_significant", {N}, true);
-  out.log_sum = checked<double>(log_sum, "log_sum", {N}, true);
-  out.x_norm = checked<double>(x_norm, "x_norm", {N}, true);
-  out.n_observed = checked<double>(n_observed, "n_observed", {N}, true);
-
-  mltomo::EStepCounters c;
-  {
+// The E-step plan of one iteration, as Python sees it: keeps the borrowed reference and mask
+// arrays alive while the C++ plan lives.
+class PyEStepPlan {
+ public:
+  PyEStepPlan(py::handle refs, double pad, py::handle masks, double radius, py::handle rotations,
+              py::handle shifts, py::handle log_prior_shift, py::handle log_alpha, double sigma2,
+              const std::string& mode, double prune, int nthreads, int rot_block, double rotated_cache_bytes) {
+    mltomo::EStepSetup st;
+    const py::ssize_t K = dim<cfloat>(refs, "refs", 4, 0), P = dim<cfloat>(refs, "refs", 4, 1);
+    st.refs = checked<cfloat>(refs, "refs", {K, P, P, P / 2 + 1});
+    st.K = static_cast<int>(K);
+    st.grid = mltomo::PaddedGeometry{static_cast<int>(P), pad};
+    const py::ssize_t G = dim<float>(masks, "masks", 4, 0), n = dim<float>(masks, "masks", 4, 1);
+    st.masks = checked<float>(masks, "masks", {G, n, n, n / 2 + 1});
+    st.G = static_cast<int>(G);
+    st.n = static_cast<int>(n);
+    st.radius = radius;
+    const py::ssize_t R = dim<double>(rotations, "rotations", 3, 0);
+    st.rotations = checked<double>(rotations, "rotations", {R, 3, 3});
+    st.R = static_cast<int>(R);
+    const py::ssize_t T = dim<std::int32_t>(shifts, "shifts", 2, 0);
+    st.shifts = checked<std::int32_t>(shifts, "shifts", {T, 3});
+    st.T = static_cast<int>(T);
+    st.log_prior_shift = checked<double>(log_prior_shift, "log_prior_shift", {T});
+    st.log_alpha = checked<double>(log_alpha, "log_alpha", {K});
+    st.sigma2 = sigma2;
+    if (mode != "ml" && mode != "cc") throw py::value_error("mode must be 'ml' or 'cc', got '" + mode + "'");
+    st.mode = mode == "ml" ? mltomo::ScoreMode::MaximumLikelihood : mltomo::ScoreMode::CrossCorrelation;
+    st.prune = prune;
+    st.nthreads = thread_count(nthreads);
+    st.rot_block = rot_block;
+    st.rotated_cache_bytes = rotated_cache_bytes;
+    refs_ = py::reinterpret_borrow<py::array>(refs);
+    masks_ = py::reinterpret_borrow<py::array>(masks);
     py::gil_scoped_release release;
-    c = mltomo::run_estep(pb, out);
+    plan_ = std::make_unique<mltomo::EStepPlan>(st);
   }
-  py::dict d;
-  d["samples"] = c.samples;
-  d["kept"] = c.kept;
-  d["maps_pruned"] = c.maps_pruned;
-  d["seconds_rotate"] = c.seconds_rotate;
-  d["seconds_score"] = c.seconds_score;
-  d["seconds_accumulate"] = c.seconds_accumulate;
-  d["seconds_total"] = c.seconds_total;
-  return d;
-}
+
+  // Scores a chunk of particles and adds into `sums` (any object with float64 W (K,), complex128
+  // S and float64 M, Mfull (K, P, P, P/2+1) and float64 scalars (2,)). Returns
+  // {"scores": {name: (N,) array}, "counters": {name: number}}.
+  py::dict run(py::handle particles, py::handle groups, py::handle sums, py::object rot_mask) {
+    const py::ssize_t n = plan_->n(), K = plan_->K(), R = plan_->R(), P = plan_->grid().P;
+    const py::ssize_t N = dim<cfloat>(particles, "particles", 4, 0);
+    mltomo::ParticleBatch batch;
+    batch.particles = checked<cfloat>(particles, "particles", {N, n, n, n / 2 + 1});
+    batch.N = static_cast<int>(N);
+    batch.group = checked<std::int32_t>(groups, "groups", {N});
+    batch.rot_mask = rot_mask.is_none() ? nullptr : checked<std::uint8_t>(rot_mask, "rot_mask", {N, R});
+    mltomo::Accumulators acc;
+    acc.W = checked<double>(sums.attr("W"), "sums.W", {K}, true);
+    acc.S = checked<cdouble>(sums.attr("S"), "sums.S", {K, P, P, P / 2 + 1}, true);
+    acc.M = checked<double>(sums.attr("M"), "sums.M", {K, P, P, P / 2 + 1}, true);
+    acc.Mfull = checked<double>(sums.attr("Mfull"), "sums.Mfull", {K, P, P, P / 2 + 1}, true);
+    acc.scalars = checked<double>(sums.attr("scalars"), "sums.scalars", {2}, true);
+    py::array_t<std::int32_t> best_class(N), best_rot(N), best_shift(N);
+    py::array_t<double> max_post(N), log_sum(N), x_norm(N), n_observed(N);
+    py::array_t<std::int64_t> n_significant(N);
+    mltomo::ParticleOutputs out{best_class.mutable_data(), best_rot.mutable_data(), best_shift.mutable_data(),
+                                max_post.mutable_data(),   n_significant.mutable_data(), log_sum.mutable_data(),
+                                x_norm.mutable_data(),     n_observed.mutable_data()};
+    mltomo::EStepCounters c;
+    {
+      py::gil_scoped_release release;
+      c = plan_->run(batch, out, acc);
+    }
+    py::dict scores, counters, result;
+    scores["best_class"] = best_class;
+    scores["best_rot"] = best_rot;
+    scores["best_shift"] = best_shift;
+    scores["max_post"] = max_post;
+    scores["n_significant"] = n_significant;
+    scores["log_sum"] = log_sum;
+    scores["x_norm"] = x_norm;
+    scores["n_observed"] = n_observed;
+    counters["samples"] = c.samples;
+    counters["kept"] = c.kept;
+    counters["maps_pruned"] = c.maps_pruned;
+    counters["seconds_rotate"] = c.seconds_rotate;
+    counters["seconds_score"] = c.seconds_score;
+    counters["seconds_accumulate"] = c.seconds_accumulate;
+    counters["seconds_total"] = c.seconds_total;
+    result["scores"] = scores;
+    result["counters"] = counters;
+    return result;
+  }
+
+ private:
+  py::array refs_, masks_;
+  std::unique_ptr<mltomo::EStepPlan> plan_;
+};
 
 // Bare batched inverse FFTs: `count` c2r transforms of size n on `nthreads` threads, the same
 // way the E-step calls them (per-thread scratch, input refilled each time). For benchmarks.
@@ -225,11 +240,17 @@ PYBIND11_MODULE(_core, m) {
         py::arg("radius"));
   m.def("rotate_back", &rotate_back, py::arg("values"), py::arg("weights"), py::arg("pad"), py::arg("rotation"),
         py::arg("radius"), py::arg("S"), py::arg("M"), py::arg("Mfull") = py::none(), py::arg("full_weight") = 1.0);
-  m.def("estep", &estep, py::arg("refs"), py::arg("pad"), py::arg("particles"), py::arg("masks"), py::arg("groups"),
-        py::arg("radius"), py::arg("rotations"), py::arg("shifts"), py::arg("log_prior_shift"), py::arg("log_alpha"),
-        py::arg("sigma2"), py::arg("W"), py::arg("S"), py::arg("M"), py::arg("Mfull"), py::arg("sums"), py::arg("best_class"),
-        py::arg("best_rot"), py::arg("best_shift"), py::arg("max_post"), py::arg("n_significant"),
-        py::arg("log_sum"), py::arg("x_norm"), py::arg("n_observed"), py::arg("rot_mask") = py::none(),
-        py::arg("mode") = 0, py::arg("prune") = 1e-8, py::arg("nthreads") = 0, py::arg("rot_block") = 32);
+  py::class_<PyEStepPlan>(m, "EStepPlan",
+                          "What the E-step of one iteration keeps across chunks of particles: working set, FFT "
+                          "plan, shift tables, rotated references. Borrows refs and masks (keep them unchanged).")
+      .def(py::init<py::handle, double, py::handle, double, py::handle, py::handle, py::handle, py::handle, double,
+                    const std::string&, double, int, int, double>(),
+           py::kw_only(), py::arg("refs"), py::arg("pad"), py::arg("masks"), py::arg("radius"), py::arg("rotations"),
+           py::arg("shifts"), py::arg("log_prior_shift"), py::arg("log_alpha"), py::arg("sigma2"),
+           py::arg("mode") = "ml", py::arg("prune") = 1e-8, py::arg("nthreads") = 0, py::arg("rot_block") = 32,
+           py::arg("rotated_cache_bytes") = 256.0 * (1 << 20))
+      .def("run", &PyEStepPlan::run, py::kw_only(), py::arg("particles"), py::arg("groups"), py::arg("sums"),
+           py::arg("rot_mask") = py::none(),
+           "Scores a chunk, adds into sums.W/S/M/Mfull/scalars, returns {'scores': {...}, 'counters': {...}}.");
   m.def("bench_c2r", &bench_c2r, py::arg("n"), py::arg("count"), py::arg("nthreads") = 0);
 }

@@ -1,4 +1,6 @@
+#include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <vector>
 
 #include "mltomo/interp.hpp"
@@ -114,5 +116,43 @@ void fold_x0_plane(const PaddedGeometry& g, cdouble* accS, double* accM) {
 }
 
 void fold_x0_plane(const PaddedGeometry& g, double* acc) { fold_x0_plane(g, nullptr, acc); }
+
+namespace {
+void require_fits(const PaddedGeometry& g, double radius) {
+  if (g.pad * radius + 1 > g.P / 2.0) throw std::invalid_argument("grid too small for pad and radius");
+}
+}  // namespace
+
+void rotate_forward(const cfloat* grid, const PaddedGeometry& g, const double R[9], int n, double radius,
+                    cfloat* out) {
+  require_fits(g, radius);
+  const WorkingSet ws = make_working_set(n, radius);
+  std::vector<cfloat> vals(ws.size());
+  gather(grid, g, R, ws, vals.data());
+  std::fill(out, out + ws.half_size(), cfloat(0, 0));
+  for (std::size_t j = 0; j < ws.size(); ++j) out[ws.index[j]] = vals[j];
+}
+
+void rotate_back(const cfloat* values, const float* weights, int n, double radius, double full_weight,
+                 const PaddedGeometry& g, const double R[9], cdouble* S, double* M, double* Mfull) {
+  require_fits(g, radius);
+  const WorkingSet ws = make_working_set(n, radius);
+  std::vector<cdouble> vals(ws.size());
+  std::vector<double> wts(ws.size());
+  for (std::size_t j = 0; j < ws.size(); ++j) {
+    vals[j] = values[ws.index[j]];
+    wts[j] = weights[ws.index[j]];
+  }
+  std::vector<cdouble> s_tmp(g.half_size(), cdouble(0, 0));
+  std::vector<double> m_tmp(g.half_size(), 0.0), f_tmp(Mfull ? g.half_size() : 0, 0.0);
+  scatter(vals.data(), wts.data(), full_weight, g, R, ws, s_tmp.data(), m_tmp.data(), Mfull ? f_tmp.data() : nullptr);
+  fold_x0_plane(g, s_tmp.data(), m_tmp.data());
+  if (Mfull) fold_x0_plane(g, f_tmp.data());
+  for (std::size_t q = 0; q < g.half_size(); ++q) {
+    S[q] += s_tmp[q];
+    M[q] += m_tmp[q];
+    if (Mfull) Mfull[q] += f_tmp[q];
+  }
+}
 
 }  // namespace mltomo

@@ -70,25 +70,24 @@ def estep(
     nthreads = nthreads or _core.max_threads()
     per_particle = K * R * T * 4 + particles[0].nbytes * 2 if N else 1
     chunk = int(np.clip(memory_budget_bytes // max(per_particle, 1), 4 * nthreads, 4096))
-    counters = dict(samples=0, kept=0, maps_pruned=0, seconds_rotate=0.0, seconds_score=0.0,
-                    seconds_accumulate=0.0, seconds_total=0.0)
+    counters = {"samples": 0, "kept": 0, "maps_pruned": 0, "seconds_rotate": 0.0,
+                "seconds_score": 0.0, "seconds_accumulate": 0.0, "seconds_total": 0.0}
     groups = np.ascontiguousarray(groups, dtype=np.int32)
+    # What is fixed for the call (FFT plan, working set, shift tables, rotated references) is
+    # built once; the chunks only bound the memory of the translation maps.
+    plan = None if N == 0 else _core.EStepPlan(
+        refs=refs, pad=float(pad), masks=masks, radius=float(radius), rotations=rotations,
+        shifts=shifts, log_prior_shift=log_prior_shift, log_alpha=log_alpha, sigma2=float(sigma2),
+        mode=mode, prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block),
+    )
     for a in range(0, N, chunk):
         b = min(N, a + chunk)
-        out = ParticleScores.empty(b - a)
-        c = _core.estep(
-            refs, float(pad), particles[a:b], masks, groups[a:b], float(radius), rotations, shifts,
-            log_prior_shift, log_alpha, float(sigma2), sums.W, sums.S, sums.M, sums.Mfull, sums.scalars,
-            out.best_class, out.best_rot, out.best_shift, out.max_post, out.n_significant,
-            out.log_sum, out.x_norm, out.n_observed,
-            rot_mask=None if rot_mask is None else rot_mask[a:b],
-            mode=MODES[mode], prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block),
-        )
-        for name in ("best_class", "best_rot", "best_shift", "max_post", "n_significant",
-                     "log_sum", "x_norm", "n_observed"):
-            getattr(scores, name)[a:b] = getattr(out, name)
+        res = plan.run(particles=particles[a:b], groups=groups[a:b], sums=sums,
+                       rot_mask=None if rot_mask is None else rot_mask[a:b])
+        for name, values in res["scores"].items():
+            getattr(scores, name)[a:b] = values
         for key in counters:
-            counters[key] += c[key]
+            counters[key] += res["counters"][key]
         if progress is not None:
             progress(b - a)
     return sums, scores, counters

@@ -1,37 +1,43 @@
-// The E-step for a block of particles, in RELION's three stages kept apart:
-//   1. squared differences d^2(i,k,r,t) for every class, rotation and translation
-//      (one inverse FFT per particle, class and rotation scores all translations);
-//   2. weights: posteriors by log-sum-exp with the maximum subtracted, pruning below
-//      `prune` x the maximum;
-//   3. weighted sums: the sufficient statistics W_k, S_k, M_k and the sigma / xi sums,
-//      added into caller-owned accumulators.
+// The E-step, planned once per iteration and run on chunks of particles.
+//
+// An EStepPlan holds what is fixed for an iteration: the working set, the FFT plan, the shift
+// table (output indices, |t|^2, phases exp(+2 pi i k.t/n)), the compact masks and the rotated
+// references R_r A_k with their masked norms (cached across chunks when they fit in memory).
+// EStepPlan::run then goes through RELION's stages, each its own function:
+//   1. rotate: R_r A_k for a block of rotations (once per iteration when cached);
+//   2. score: d^2(i,k,r,t) for every translation with one inverse FFT per (i,k,r), kept as
+//      log-weights relative to a per-particle offset (double) so float32 storage loses nothing;
+//   3. posteriors: log-sum-exp with the maximum subtracted, pruning below `prune` x the maximum;
+//   4. weighted sums: W_k, S_k, M_k, Mfull_k and the sigma / xi sums, added into caller-owned
+//      accumulators.
 // Threads split particles. Every thread owns its accumulators; they are added into the
-// caller's arrays in thread order, so results are bit-identical for a given thread count.
+// caller's arrays in thread order, so results are bit-identical for a given thread count and
+// do not depend on how particles are chunked into calls except through the order of additions.
 #pragma once
 #include <complex>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "mltomo/fft_plan.hpp"
+#include "mltomo/fourier_grid.hpp"
 #include "mltomo/interp.hpp"
 
 namespace mltomo {
 
 enum class ScoreMode : int { MaximumLikelihood = 0, CrossCorrelation = 1 };
 
-struct EStepProblem {
+// What is fixed for an iteration. The plan copies the small arrays (rotations, shifts, priors)
+// and borrows `refs` and `masks`: the caller keeps them alive and unchanged while the plan lives.
+struct EStepSetup {
   // References: K padded half-spectrum grids (K, P, P, P/2+1).
   const cfloat* refs = nullptr;
   int K = 0;
   PaddedGeometry grid{0, 1.0};
-  // Particles: N half spectra of the working box (N, n, n, n/2+1), missing-region masks per
-  // group (G, n, n, n/2+1) and the group of each particle.
-  const cfloat* particles = nullptr;
-  int N = 0;
+  // Working box n and its missing-region masks per group (G, n, n, n/2+1).
   int n = 0;
   const float* masks = nullptr;
   int G = 0;
-  const std::int32_t* group = nullptr;
   double radius = 0;  // working set: |k| <= radius
   // Search: R rotation matrices (row-major 3x3), T integer shifts (x, y, z) in working voxels,
   // log of the normalised translation prior per shift, log class priors (K).
@@ -41,18 +47,27 @@ struct EStepProblem {
   int T = 0;
   const double* log_prior_shift = nullptr;
   const double* log_alpha = nullptr;
-  const std::uint8_t* rot_mask = nullptr;  // (N, R) or null: which rotations each particle searches
   double sigma2 = 1;
   ScoreMode mode = ScoreMode::MaximumLikelihood;
   double prune = 1e-8;  // relative posterior below which a sample is dropped (0 keeps all)
   int nthreads = 1;
   int rot_block = 32;
+  double rotated_cache_bytes = 256.0 * (1 << 20);  // keep all R_r A_k if they fit in this
 };
 
-struct EStepResult {
-  // Per particle (N): best class/rotation/shift index, its posterior, number of samples kept,
-  // log sum_{k,r,t} alpha_k p(t) exp(-d^2 / 2 sigma^2) (ML; best CC in CC mode),
-  // sum_j w_ij |X_ij|^2 and J_i^o (full-spectrum count of observed working components).
+// One chunk of particles: N half spectra of the working box (N, n, n, n/2+1), the mask group of
+// each, and optionally which rotations each particle searches (N, R), or null for all.
+struct ParticleBatch {
+  const cfloat* particles = nullptr;
+  int N = 0;
+  const std::int32_t* group = nullptr;
+  const std::uint8_t* rot_mask = nullptr;
+};
+
+// Per particle (N): best class/rotation/shift index, its posterior, number of samples kept,
+// log sum_{k,r,t} alpha_k p(t) exp(-d^2 / 2 sigma^2) (ML; best CC in CC mode),
+// sum_j w_ij |X_ij|^2 and J_i^o (full-spectrum count of observed working components).
+struct ParticleOutputs {
   std::int32_t* best_class = nullptr;
   std::int32_t* best_rot = nullptr;
   std::int32_t* best_shift = nullptr;
@@ -61,13 +76,16 @@ struct EStepResult {
   double* log_sum = nullptr;
   double* x_norm = nullptr;
   double* n_observed = nullptr;
-  // Accumulators, added into: W (K), S (K, P, P, P/2+1) complex, M and Mfull (same, real),
-  // sums[0] = sum P d^2, sums[1] = sum P |t|^2 (working voxels^2).
+};
+
+// Accumulators, added into: W (K), S (K, P, P, P/2+1) complex, M and Mfull (same, real),
+// scalars[0] = sum P d^2, scalars[1] = sum P |t|^2 (working voxels^2).
+struct Accumulators {
   double* W = nullptr;
   cdouble* S = nullptr;
   double* M = nullptr;
-  double* Mfull = nullptr;  // (K, P, P, P/2+1): sum P R^{-1}[1], the weights of fully observed particles
-  double* sums = nullptr;
+  double* Mfull = nullptr;  // sum P R^{-1}[1], the weights of fully observed particles
+  double* scalars = nullptr;
 };
 
 struct EStepCounters {
@@ -77,7 +95,54 @@ struct EStepCounters {
   double seconds_rotate = 0, seconds_score = 0, seconds_accumulate = 0, seconds_total = 0;
 };
 
-// Validates sizes (std::invalid_argument) and runs the E-step on the whole problem.
-EStepCounters run_estep(const EStepProblem& pb, const EStepResult& out);
+struct EStepRun;       // the per-call state (estep.cpp)
+struct ThreadScratch;  // per-thread buffers and sums (estep.cpp)
+
+class EStepPlan {
+ public:
+  // Validates sizes (std::invalid_argument) and builds the shift tables and FFT plan.
+  explicit EStepPlan(const EStepSetup& setup);
+  EStepPlan(const EStepPlan&) = delete;
+  EStepPlan& operator=(const EStepPlan&) = delete;
+
+  // Scores one chunk of particles, writes `out` and adds into `acc`. Not reentrant: one call
+  // at a time per plan (it fills the rotated-reference cache).
+  EStepCounters run(const ParticleBatch& batch, const ParticleOutputs& out, const Accumulators& acc);
+
+  int K() const { return s_.K; }
+  int R() const { return s_.R; }
+  int n() const { return s_.n; }
+  int G() const { return s_.G; }
+  const PaddedGeometry& grid() const { return s_.grid; }
+
+ private:
+  friend struct EStepRun;
+  void build_shift_tables();
+  void rotate_block(EStepRun& run, int r0, int r1);
+  void score_block(EStepRun& run, int r0, int r1);
+  void posteriors(EStepRun& run);
+  void index_contributions(EStepRun& run);
+  void weighted_sums(EStepRun& run);
+  void back_shift_phases(ThreadScratch& th, int nkept) const;
+  void reduce(EStepRun& run, const Accumulators& acc) const;
+  std::size_t slot(int k, int r, int r0) const;
+
+  EStepSetup s_;
+  std::vector<double> rotations_, log_prior_shift_, log_alpha_;
+  std::vector<std::int32_t> shifts_;
+  WorkingSet ws_;
+  FftPlan3D fft_;
+  std::vector<std::int64_t> tidx_;        // (T) output index of shift t in the c2r result
+  std::vector<double> t2_;                // (T) |t|^2
+  std::vector<std::complex<double>> phase_;  // (n) exp(+2 pi i m / n)
+  std::vector<cfloat> phase_table_;       // (T, J) exp(+2 pi i k_j.t / n), when it fits
+  bool cache_norms_ = false;              // few groups: cache sum hweight w_g |R A|^2 per (k, r, g)
+  std::vector<float> group_w_;            // (G, J) masks on the working set, if cache_norms_
+  bool cache_rotated_ = false;            // all R_r A_k kept for the iteration
+  int slots_ = 0;                         // rotations held: R if cached, else rot_block
+  std::vector<cfloat> rotated_;           // (K, slots, J)
+  std::vector<double> norm_cache_;        // (K, slots, G)
+  std::vector<std::uint8_t> rotated_ready_;  // (R) cached rotations already computed
+};
 
 }  // namespace mltomo

@@ -40,4 +40,14 @@ void scatter(const cdouble* values, const double* weights, double full_weight, c
 void fold_x0_plane(const PaddedGeometry& g, cdouble* accS, double* accM);
 void fold_x0_plane(const PaddedGeometry& g, double* acc);
 
+// out (n, n, n/2+1) = R A on the working set |k| <= radius, zero elsewhere.
+// std::invalid_argument unless pad*radius + 1 <= P/2.
+void rotate_forward(const cfloat* grid, const PaddedGeometry& g, const double R[9], int n, double radius,
+                    cfloat* out);
+
+// Adds R^{-1}[values], R^{-1}[weights] and full_weight R^{-1}[1] (folded, on the working set of
+// the n^3 box) into S, M and Mfull (Mfull may be null). values, weights: (n, n, n/2+1).
+void rotate_back(const cfloat* values, const float* weights, int n, double radius, double full_weight,
+                 const PaddedGeometry& g, const double R[9], cdouble* S, double* M, double* Mfull);
+
 }  // namespace mltomo
