@@ -77,7 +77,8 @@ def oracle_estep(refs_real, particles_real, masks_half, groups, pad, radius, rot
     T = len(shifts)
     out = dict(W=np.zeros(K), S=np.zeros((K, P**3), complex), M=np.zeros((K, P**3)), Mfull=np.zeros((K, P**3)),
                sum_pd2=0.0, sum_pt2=0.0, log_sum=np.zeros(N), best=[], max_post=np.zeros(N),
-               x_norm=np.zeros(N), n_observed=np.zeros(N), posteriors=[])
+               x_norm=np.zeros(N), n_observed=np.zeros(N), posteriors=[], class_log_sum=np.zeros((N, K)))
+    log_alpha = np.asarray(log_alpha, dtype=np.float64)
     for i in range(N):
         w = W_full[groups[i]][sel]
         X = X_full[i][sel]
@@ -92,7 +93,8 @@ def oracle_estep(refs_real, particles_real, masks_half, groups, pad, radius, rot
                     d2 = np.sum(w * np.abs(X - phases[t] * RA) ** 2)
                     D2[k, r, t] = d2
                     if mode == "ml":
-                        L[k, r, t] = log_alpha[k] + log_prior_shift[t] - d2 / (2 * sigma2)
+                        la = log_alpha[i, k] if log_alpha.ndim == 2 else log_alpha[k]  # per particle, or shared
+                        L[k, r, t] = la + log_prior_shift[t] - d2 / (2 * sigma2)
                     else:
                         nodc = np.ones(len(ks), bool)
                         nodc[np.all(ks == 0, axis=1)] = False
@@ -103,6 +105,10 @@ def oracle_estep(refs_real, particles_real, masks_half, groups, pad, radius, rot
             m = L.max()
             Pp = np.exp(L - m)
             out["log_sum"][i] = m + np.log(Pp.sum())
+            for k in range(K):  # log Σ_{r,t} p(t) exp(−d²/2σ²) of class k, without its prior
+                la = log_alpha[i, k] if log_alpha.ndim == 2 else log_alpha[k]
+                with np.errstate(divide="ignore"):  # a class no sample reaches: -inf
+                    out["class_log_sum"][i, k] = m + np.log(Pp[k].sum()) - la
             Pp /= Pp.sum()
         else:
             Pp = np.zeros_like(L)

@@ -91,7 +91,7 @@ def test_accumulators_are_taken_by_name(problem):
         plan.run(particles=parts, groups=pb["groups"], sums=object())
     res = plan.run(particles=parts, groups=pb["groups"], sums=Sums.zeros(K, P))
     assert set(res) == {"scores", "counters"}
-    assert set(res["scores"]) == set(SCORES) | {"n_observed"}
+    assert set(res["scores"]) == set(SCORES) | {"n_observed", "class_log_sum"}
     assert res["scores"]["best_class"].dtype == np.int32
     assert res["scores"]["max_post"].dtype == np.float64
 

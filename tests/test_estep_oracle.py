@@ -127,3 +127,25 @@ def test_bad_arrays_are_named():
     parts = np.stack([half(x) for x in pb["parts"]]).astype(np.complex128)
     with pytest.raises(TypeError, match="particles must have dtype complex64"):
         estep(refs, 2, parts, pb["masks"], pb["groups"], 3, pb["rots"], pb["shifts"], pb["lp"], pb["la"], 1.0)
+
+
+def test_per_particle_class_priors_and_class_sums_match_oracle():
+    """(N, K) log class priors (the adaptive scheme's self-fit offsets) and the per-class log sums
+    the reported log-likelihood is formed from."""
+    pb = make_problem(4, sigma2=6.0)
+    rng = np.random.default_rng(5)
+    la = pb["la"][None, :] + rng.uniform(-3, 0, size=(len(pb["parts"]), len(pb["la"])))
+    refs = np.stack([padded_transform(a, 2, True) for a in pb["refs"]])
+    parts = np.stack([half(x) for x in pb["parts"]])
+    sums, sc, _ = estep(refs, 2, parts, pb["masks"], pb["groups"], 3, pb["rots"], pb["shifts"], pb["lp"], la,
+                        pb["sigma2"], prune=0.0, nthreads=2, memory_budget_bytes=1)  # several chunks
+    ora = oracle_estep(pb["refs"], pb["parts"], pb["masks"], pb["groups"], 2, 3, pb["rots"], pb["shifts"],
+                       pb["lp"], la, pb["sigma2"])
+    np.testing.assert_allclose(sc.log_sum, ora["log_sum"], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(sc.class_log_sum, ora["class_log_sum"], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(sc.max_post, ora["max_post"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sums.W, ora["W"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sums.sum_pd2, ora["sum_pd2"], rtol=1e-4)
+    with pytest.raises(ValueError, match="log_alpha"):
+        estep(refs, 2, parts, pb["masks"], pb["groups"], 3, pb["rots"], pb["shifts"], pb["lp"], la[:2],
+              pb["sigma2"])

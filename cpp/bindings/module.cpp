@@ -158,7 +158,8 @@ class PyEStepPlan {
   // Scores a chunk of particles and adds into `sums` (any object with float64 W (K,), complex128
   // S and float64 M, Mfull (K, P, P, P/2+1) and float64 scalars (2,)). Returns
   // {"scores": {name: (N,) array}, "counters": {name: number}}.
-  py::dict run(py::handle particles, py::handle groups, py::handle sums, py::object rot_mask) {
+  py::dict run(py::handle particles, py::handle groups, py::handle sums, py::object rot_mask,
+               py::object class_offsets) {
     const py::ssize_t n = plan_->n(), K = plan_->K(), R = plan_->R(), P = plan_->grid().P;
     const py::ssize_t N = dim<cfloat>(particles, "particles", 4, 0);
     mltomo::ParticleBatch batch;
@@ -166,6 +167,8 @@ class PyEStepPlan {
     batch.N = static_cast<int>(N);
     batch.group = checked<std::int32_t>(groups, "groups", {N});
     batch.rot_mask = rot_mask.is_none() ? nullptr : checked<std::uint8_t>(rot_mask, "rot_mask", {N, R});
+    batch.class_offsets =
+        class_offsets.is_none() ? nullptr : checked<double>(class_offsets, "class_offsets", {N, K});
     mltomo::Accumulators acc;
     acc.W = checked<double>(sums.attr("W"), "sums.W", {K}, true);
     acc.S = checked<cdouble>(sums.attr("S"), "sums.S", {K, P, P, P / 2 + 1}, true);
@@ -175,9 +178,10 @@ class PyEStepPlan {
     py::array_t<std::int32_t> best_class(N), best_rot(N), best_shift(N);
     py::array_t<double> max_post(N), log_sum(N), x_norm(N), n_observed(N);
     py::array_t<std::int64_t> n_significant(N);
+    py::array_t<double> class_log_sum({N, K});
     mltomo::ParticleOutputs out{best_class.mutable_data(), best_rot.mutable_data(), best_shift.mutable_data(),
                                 max_post.mutable_data(),   n_significant.mutable_data(), log_sum.mutable_data(),
-                                x_norm.mutable_data(),     n_observed.mutable_data()};
+                                x_norm.mutable_data(),     n_observed.mutable_data(),    class_log_sum.mutable_data()};
     mltomo::EStepCounters c;
     {
       py::gil_scoped_release release;
@@ -192,6 +196,7 @@ class PyEStepPlan {
     scores["log_sum"] = log_sum;
     scores["x_norm"] = x_norm;
     scores["n_observed"] = n_observed;
+    scores["class_log_sum"] = class_log_sum;
     counters["samples"] = c.samples;
     counters["kept"] = c.kept;
     counters["maps_pruned"] = c.maps_pruned;
@@ -250,7 +255,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("mode") = "ml", py::arg("prune") = 1e-8, py::arg("nthreads") = 0, py::arg("rot_block") = 32,
            py::arg("rotated_cache_bytes") = 256.0 * (1 << 20))
       .def("run", &PyEStepPlan::run, py::kw_only(), py::arg("particles"), py::arg("groups"), py::arg("sums"),
-           py::arg("rot_mask") = py::none(),
+           py::arg("rot_mask") = py::none(), py::arg("class_offsets") = py::none(),
            "Scores a chunk, adds into sums.W/S/M/Mfull/scalars, returns {'scores': {...}, 'counters': {...}}.");
   m.def("bench_c2r", &bench_c2r, py::arg("n"), py::arg("count"), py::arg("nthreads") = 0);
 }

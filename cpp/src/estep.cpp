@@ -85,7 +85,8 @@ struct Best {
 };
 
 // Log-sum-exp over a particle's kept samples (the maximum subtracted); stores the total in c.
-Best ml_posterior(Candidates& c, const ParticleData& d, int R, int T, double log_prune, double inv2s2) {
+Best ml_posterior(Candidates& c, const ParticleData& d, int R, int T, double log_prune, double inv2s2,
+                  double* class_total) {
   Best b;
   if (c.kr.empty()) return b;
   const double Lmax = c.run_best;
@@ -97,7 +98,9 @@ Best ml_posterior(Candidates& c, const ParticleData& d, int R, int T, double log
     const float* L = &c.maps[q * T];
     for (int t = 0; t < T; ++t) {
       if (L[t] < thr) continue;
-      total += std::exp(L[t] - Lmax);
+      const double e = std::exp(L[t] - Lmax);
+      total += e;
+      if (class_total) class_total[c.kr[q] / R] += e;
       ++b.nsig;
       if (L[t] > best_L) {
         best_L = L[t];
@@ -241,7 +244,7 @@ void EStepPlan::score_block(EStepRun& run, int r0, int r1) {
     const ParticleData& d = run.pdata[i];
     Candidates& c = run.cands[i];
     for (int k = 0; k < s_.K; ++k) {
-      const double la = s_.log_alpha[k];
+      const double la = class_prior(run.batch, i, k);
       if (!(la > -std::numeric_limits<double>::infinity())) continue;  // alpha_k = 0
       for (int r = r0; r < r1; ++r) {
         if (run.batch.rot_mask && !run.batch.rot_mask[static_cast<std::size_t>(i) * R + r]) continue;
@@ -292,8 +295,17 @@ void EStepPlan::posteriors(EStepRun& run) {
 #pragma omp for schedule(dynamic)
   for (int i = 0; i < run.batch.N; ++i) {
     const ParticleData& d = run.pdata[i];
+    double* cls = out.class_log_sum ? out.class_log_sum + static_cast<std::size_t>(i) * s_.K : nullptr;
+    if (cls) std::fill(cls, cls + s_.K, 0.0);
     const Best b = cc_mode ? cc_posterior(run.cands[i], s_.R)
-                           : ml_posterior(run.cands[i], d, s_.R, s_.T, log_prune, inv2s2);
+                           : ml_posterior(run.cands[i], d, s_.R, s_.T, log_prune, inv2s2, cls);
+    if (cls) {  // totals -> per-class log sums without the class prior
+      const Candidates& c = run.cands[i];
+      for (int k = 0; k < s_.K; ++k)
+        cls[k] = cls[k] > 0 && !cc_mode
+                     ? c.offset + c.run_best + std::log(cls[k]) - d.x_norm * inv2s2 - class_prior(run.batch, i, k)
+                     : -std::numeric_limits<double>::infinity();
+    }
     th.kept += b.nsig;
     out.best_class[i] = b.k;
     out.best_rot[i] = b.r;

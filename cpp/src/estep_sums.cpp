@@ -56,7 +56,7 @@ void EStepPlan::weighted_sums(EStepRun& run) {
   ThreadScratch& th = run.scratch[omp_get_thread_num()];
   std::vector<double>& post = th.post;
   // P_t of the map and its totals; d^2 = sum w|X|^2 + 2 sigma^2 (log alpha + log p(t) - L).
-  auto share = [&](const ParticleData& d, const Candidates& c, int k, std::int32_t cand) {
+  auto share = [&](int i, const ParticleData& d, const Candidates& c, int k, std::int32_t cand) {
     MapShare m;
     if (cc_mode) {
       std::fill(post.begin(), post.end(), 0.0);
@@ -71,7 +71,7 @@ void EStepPlan::weighted_sums(EStepRun& run) {
       const double p = std::exp(L[t] - Lmax) / c.total;
       post[t] = p;
       m.pkr += p;
-      const double s = 2.0 * s_.sigma2 * ((s_.log_alpha[k] + s_.log_prior_shift[t] - c.offset) - L[t]);
+      const double s = 2.0 * s_.sigma2 * ((class_prior(run.batch, i, k) + s_.log_prior_shift[t] - c.offset) - L[t]);
       m.pd2 += p * (d.x_norm + s);
       m.pt2 += p * t2_[t];
       ++m.nkept;
@@ -87,8 +87,9 @@ void EStepPlan::weighted_sums(EStepRun& run) {
     std::fill(th.msum.begin(), th.msum.end(), 0.0);
     double pfull = 0;
     for (std::int64_t e = e0; e < e1; ++e) {
-      const ParticleData& d = run.pdata[run.entries[e].particle];
-      const MapShare m = share(d, run.cands[run.entries[e].particle], k, run.entries[e].cand);
+      const int i = run.entries[e].particle;
+      const MapShare m = share(i, run.pdata[i], run.cands[i], k, run.entries[e].cand);
+      const ParticleData& d = run.pdata[i];
       th.W[k] += m.pkr;
       pfull += m.pkr;
       th.scalars[0] += m.pd2;

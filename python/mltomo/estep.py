@@ -49,7 +49,8 @@ def estep(
             ``groups[i]`` picks particle ``i``'s mask.
         rotations: ``(R, 3, 3)`` float64; shifts: ``(T, 3)`` int32 (x, y, z) in working voxels.
         log_prior_shift: ``(T,)`` log of the normalised translation prior.
-        log_alpha: ``(K,)`` log class fractions (``-inf`` switches a class off).
+        log_alpha: ``(K,)`` log class fractions (``-inf`` switches a class off), or ``(N, K)``
+            per-particle log class priors (``log α_k`` plus an offset per particle and class).
         sums: accumulators to add into (new zeros if None).
         rot_mask: optional ``(N, R)`` uint8, the rotations each particle searches.
         progress: optional callable(n_done) called after each chunk.
@@ -66,13 +67,21 @@ def estep(
     R, T = rotations.shape[0], shifts.shape[0]
     if sums is None:
         sums = Sums.zeros(K, P)
-    scores = ParticleScores.empty(N)
+    scores = ParticleScores.empty(N, K)
     nthreads = nthreads or _core.max_threads()
     per_particle = K * R * T * 4 + particles[0].nbytes * 2 if N else 1
     chunk = int(np.clip(memory_budget_bytes // max(per_particle, 1), 4 * nthreads, 4096))
     counters = {"samples": 0, "kept": 0, "maps_pruned": 0, "seconds_rotate": 0.0,
                 "seconds_score": 0.0, "seconds_accumulate": 0.0, "seconds_total": 0.0}
     groups = np.ascontiguousarray(groups, dtype=np.int32)
+    offsets = None
+    log_alpha = np.asarray(log_alpha, dtype=np.float64)
+    if log_alpha.ndim == 2:  # per particle: the plan keeps the first row, the chunks the rest
+        if log_alpha.shape != (N, K):
+            raise ValueError(f"log_alpha must be ({K},) or ({N}, {K}), got {log_alpha.shape}")
+        base = log_alpha[0].copy() if N else np.zeros(K)
+        offsets = np.ascontiguousarray(log_alpha - base[None, :])
+        log_alpha = base
     # What is fixed for the call (FFT plan, working set, shift tables, rotated references) is
     # built once; the chunks only bound the memory of the translation maps.
     plan = None if N == 0 else _core.EStepPlan(
@@ -83,7 +92,8 @@ def estep(
     for a in range(0, N, chunk):
         b = min(N, a + chunk)
         res = plan.run(particles=particles[a:b], groups=groups[a:b], sums=sums,
-                       rot_mask=None if rot_mask is None else rot_mask[a:b])
+                       rot_mask=None if rot_mask is None else rot_mask[a:b],
+                       class_offsets=None if offsets is None else offsets[a:b])
         for name, values in res["scores"].items():
             getattr(scores, name)[a:b] = values
         for key in counters:

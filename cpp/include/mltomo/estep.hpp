@@ -62,6 +62,9 @@ struct ParticleBatch {
   int N = 0;
   const std::int32_t* group = nullptr;
   const std::uint8_t* rot_mask = nullptr;
+  // Optional (N, K) per-particle additions to the log class priors (e.g. the self-fit correction
+  // of the adaptive scheme), or null.
+  const double* class_offsets = nullptr;
 };
 
 // Per particle (N): best class/rotation/shift index, its posterior, number of samples kept,
@@ -76,6 +79,9 @@ struct ParticleOutputs {
   double* log_sum = nullptr;
   double* x_norm = nullptr;
   double* n_observed = nullptr;
+  // (N, K) log sum_{r,t} p(t) exp(-d^2 / 2 sigma^2) of each class over the kept samples, without
+  // the class prior (ML; -inf for a class with no kept sample and in CC mode), or null.
+  double* class_log_sum = nullptr;
 };
 
 // Accumulators, added into: W (K), S (K, P, P, P/2+1) complex, M and Mfull (same, real),
@@ -126,6 +132,10 @@ class EStepPlan {
   void back_shift_phases(ThreadScratch& th, int nkept) const;
   void reduce(EStepRun& run, const Accumulators& acc) const;
   std::size_t slot(int k, int r, int r0) const;
+  // log alpha_k plus the batch's per-particle offset of particle i, if any.
+  double class_prior(const ParticleBatch& b, int i, int k) const {
+    return log_alpha_[k] + (b.class_offsets ? b.class_offsets[static_cast<std::size_t>(i) * K() + k] : 0.0);
+  }
 
   EStepSetup s_;
   std::vector<double> rotations_, log_prior_shift_, log_alpha_;
