@@ -80,6 +80,7 @@ class Protocol:
     snr_bcd: float = 0.007
     reg0: float = 5.0
     reg_steps: int = 5
+    scheme: str = "adaptive"  # mltomo's default classification scheme, or "paper" (Xmipp's ml_tomo)
 
 
 PROTOCOLS = {
@@ -187,7 +188,7 @@ def execute(p: Protocol, run: Run, sim, groups, threads: int, comm) -> dict | No
                                     prior_shifts_angstrom=shifts[mine])
     cfg = Config(n_classes=K, iterations=p.iterations, angular_sampling_deg=p.sampling,
                  max_shift_voxels=p.search_max_shift, max_resolution_angstrom=p.max_resolution,
-                 missing=p.missing, reg0=p.reg0, reg_steps=p.reg_steps, eps=0.0, seed=run.seed,
+                 missing=p.missing, reg0=p.reg0, reg_steps=p.reg_steps, eps=0.0, seed=run.seed, scheme=p.scheme,
                  threads=threads, **options)
     purity_path, ll_path = [], []
 
@@ -381,6 +382,8 @@ def parse_args(argv):
     over.add_argument("--box", type=int)
     over.add_argument("--voxel-size", type=float)
     over.add_argument("--max-resolution", type=float, help="Å; 0 = the whole box")
+    over.add_argument("--scheme", choices=("adaptive", "paper"),
+                      help="classification scheme (default adaptive, mltomo's; paper: Xmipp's ml_tomo)")
     return ap.parse_args(argv)
 
 
@@ -392,7 +395,7 @@ def protocol_from_args(args) -> Protocol:
             changes["snrs"] = tuple(float(s) for s in args.snrs.split(","))
         except ValueError:
             raise SystemExit(f"--snrs: expected comma-separated numbers, got {args.snrs!r}") from None
-    for name in ("seeds", "snr_bcd", "iterations", "sampling", "particles", "box", "voxel_size"):
+    for name in ("seeds", "snr_bcd", "iterations", "sampling", "particles", "box", "voxel_size", "scheme"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.max_resolution is not None:

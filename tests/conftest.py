@@ -30,9 +30,9 @@ needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec is not on PA
 TIMEOUT = 60  # seconds a launched command may take; a run takes a few
 
 # Exact and cheap EM runs: rotations on grid points, no padding, no regularisation, shifts
-# within ±1 voxel, 1 thread (the machine is shared).
+# within ±1 voxel, 1 thread (the machine is shared), the paper's scheme (no half-set filter).
 EXACT = {"padding": 1.0, "gridding": False, "perturb": False, "reg0": 0.0, "regF": 0.0, "eps": 0.0,
-         "threads": 1, "max_shift_voxels": 1, "xi0_voxels": 1.0}
+         "threads": 1, "max_shift_voxels": 1, "xi0_voxels": 1.0, "scheme": "paper"}
 
 
 # --------------------------------------------------------------------------- subprocesses

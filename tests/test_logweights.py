@@ -7,11 +7,12 @@ the oracle. The core now stores them relative to a per-particle offset held in d
 """
 
 import numpy as np
-from oracle import oracle_estep
 from test_estep_oracle import half, make_problem
 
 from mltomo.estep import estep
 from mltomo.reference import padded_transform
+
+from oracle import oracle_estep
 
 
 def large_logweight_problem():

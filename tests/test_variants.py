@@ -376,7 +376,7 @@ def test_symmetrising_c7_lowers_the_reference_error():
     truth, parts = _c7_particles(R_true, 1.0, rng)
     parts = _with_priors(parts, R_true, np.zeros((14, 3)))
     cfg = Config(n_classes=1, iterations=1, no_align=True, mode="ml-wa", fix_sigma=1.0, reg0=0.0, eps=0.0,
-                 threads=1)
+                 scheme="paper", threads=1)
     zero = np.zeros((1,) + truth.shape)
     c1 = run_em(parts, cfg, refs=zero).model.refs[0]
     c7 = run_em(parts, dataclasses.replace(cfg, sym="C7"), refs=zero).model.refs[0]
@@ -403,7 +403,7 @@ def test_symmetry_reduced_grid_gives_the_full_grid_answer():
     R_true = base[rng.integers(20, size=N)] @ G[rng.integers(7, size=N)]
     truth, parts = _c7_particles(R_true, 0.5, rng)
     cfg = Config(n_classes=1, iterations=1, sym="C7", fix_sigma=0.5, max_shift_voxels=0, reg0=0.0, eps=0.0,
-                 threads=1, perturb=False)
+                 scheme="paper", threads=1, perturb=False)
     a = run_em(parts, dataclasses.replace(cfg, rotations=full), refs=truth[None])
     b = run_em(parts, dataclasses.replace(cfg, rotations=reduced), refs=truth[None])
     d = geometry.symmetry_min_distance_deg(_rotations_of(a), _rotations_of(b), G)

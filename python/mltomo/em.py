@@ -30,11 +30,12 @@ import numpy as np
 from mltomo import geometry
 from mltomo.estep import estep
 from mltomo.initial import estep_seeded, initial_references, initial_sigma2, seed_classes, uses_prior_classes
-from mltomo.model import Config, IterationStats, Model, ParticleResults, RefineResult
+from mltomo.model import Config, IterationStats, Model, ParticleResults, ParticleScores, RefineResult, Sums
 from mltomo.mstep import MStepInputs, mstep
 from mltomo.parallel import SerialComm
 from mltomo.reference import Constraints, crop_padded, lowpass, padded_transform, soft_sphere
 from mltomo.sampling import Sampling, search_space
+from mltomo.ssnr import effective_components, half_sets, self_fit_offsets
 
 log = logging.getLogger("mltomo")
 
@@ -48,6 +49,8 @@ def check_inputs(particles, config: Config, comm=None, *, focus=None) -> None:
     comm = comm or SerialComm()
     if config.mode not in ("ml", "ml-wa", "cc"):
         raise ValueError(f"unknown mode {config.mode!r}: use ml, ml-wa or cc")
+    if config.scheme not in ("adaptive", "paper"):
+        raise ValueError(f"unknown scheme {config.scheme!r}: use adaptive or paper")
     geometry.symmetry_group(config.sym)
     n = particles.box
     K = config.n_classes
@@ -106,28 +109,65 @@ def _reference_transforms(model: Model, sampling: Sampling, config: Config) -> n
     return np.ascontiguousarray(Fref, dtype=np.complex64)
 
 
-def _estep_iteration(model, sampling, config, data_w, masks_w, groups, rotations, rot_mask, seeds, bar):
-    """One E-step on this process's particles: ``(sums, scores, counters)``; with ``seeds``
-    (first iteration of a reference-free start) each particle stays in its random subset."""
+def _estep_iteration(model, sampling, config, data_w, masks_w, groups, rotations, rot_mask, seeds, bar,
+                     halves=None, offsets=None):
+    """One E-step on this process's particles: ``(sums, half_sums, scores, counters)``.
+
+    With ``seeds`` (first iteration of a reference-free start) each particle stays in its
+    random subset. With ``halves`` (the adaptive scheme) each half set's sums are kept apart
+    (``half_sums``, two :class:`Sums`; ``sums`` is then None until they are reduced);
+    ``offsets`` ``(N, K)`` are added to every particle's log class priors (self-fit correction).
+    """
     Fref = _reference_transforms(model, sampling, config)
     with np.errstate(divide="ignore"):
         log_alpha = np.log(np.asarray(model.alpha, dtype=np.float64))
     lp = sampling.log_prior_shift(model.xi2_voxels)
     kwargs = dict(mode="cc" if config.mode == "cc" else "ml", prune=config.prune, nthreads=config.threads,
                   memory_budget_bytes=config.memory_budget_bytes, progress=bar.update if bar else None)
-    if seeds is not None:
-        return estep_seeded(seeds, Fref, sampling, data_w, masks_w, groups, rotations, lp, log_alpha,
-                            model.sigma2, rot_mask, kwargs)
-    return estep(Fref, sampling.pad, data_w, masks_w, groups, sampling.radius, rotations, sampling.shifts, lp,
-                 log_alpha, model.sigma2, rot_mask=rot_mask, **kwargs)
+
+    def run(sel):
+        def sub(a):
+            return None if a is None else np.ascontiguousarray(a[sel])
+
+        if seeds is not None:
+            return estep_seeded(seeds[sel], Fref, sampling, sub(data_w), masks_w, groups[sel], rotations, lp,
+                                log_alpha, model.sigma2, sub(rot_mask), kwargs)
+        la = log_alpha if offsets is None else log_alpha[None, :] + offsets[sel]
+        return estep(Fref, sampling.pad, sub(data_w), masks_w, groups[sel], sampling.radius, rotations,
+                     sampling.shifts, lp, la, model.sigma2, rot_mask=sub(rot_mask), **kwargs)
+
+    if halves is None:
+        sums, scores, counters = run(np.arange(len(data_w)))
+        return sums, None, scores, counters
+    scores = ParticleScores.empty(len(data_w))
+    half_sums, counters = [], {}
+    for h in (0, 1):
+        sel = np.flatnonzero(halves == h)
+        s, sc, c = run(sel)
+        half_sums.append(s if s is not None else Sums.zeros(len(Fref), Fref.shape[1]))
+        scores.put(sel, sc)
+        for key, v in (c or {}).items():
+            counters[key] = counters.get(key, 0) + v
+    return None, half_sums, scores, counters
 
 
-def _log_likelihoods(scores, rot_mask, n_rotations, sigma2, config: Config) -> np.ndarray:
-    """Per-particle log-likelihood contributions (SPEC §3); the best CC in ``cc`` mode."""
+def _log_likelihoods(scores, rot_mask, n_rotations, model: Model, config: Config, corrected: bool) -> np.ndarray:
+    """Per-particle log-likelihood contributions (SPEC §3); the best CC in ``cc`` mode.
+
+    When the E-step's class priors carried the self-fit correction (``corrected``), the
+    likelihood is formed from the per-class sums with the model's own ``log α_k``, so every
+    iteration reports the same quantity."""
     if config.mode == "cc":
         return scores.log_sum.copy()
-    n_rot = rot_mask.sum(1) if rot_mask is not None else np.full(len(scores.log_sum), n_rotations)
-    return scores.log_sum - np.log(n_rot) - 0.5 * scores.n_observed * np.log(2 * np.pi * sigma2)
+    log_sum = scores.log_sum
+    if corrected:
+        with np.errstate(divide="ignore"):
+            t = np.log(np.asarray(model.alpha, dtype=np.float64))[None, :] + scores.class_log_sum
+        m = np.max(t, axis=1, keepdims=True)
+        ok = np.isfinite(m[:, 0])
+        log_sum = np.where(ok, m[:, 0] + np.log(np.sum(np.exp(t - np.where(ok[:, None], m, 0)), axis=1)), log_sum)
+    n_rot = rot_mask.sum(1) if rot_mask is not None else np.full(len(log_sum), n_rotations)
+    return log_sum - np.log(n_rot) - 0.5 * scores.n_observed * np.log(2 * np.pi * model.sigma2)
 
 
 def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_dir=None, callback=None,
@@ -167,6 +207,8 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     if start_model is None and refs is None and config.n_classes > 1 and not config.no_align \
             and not uses_prior_classes(particles, config, comm):
         seeds = seed_classes(config, N)[np.asarray(particles.indices)]
+    adaptive = config.scheme == "adaptive"
+    halves = half_sets(config.seed, N)[np.asarray(particles.indices)] if adaptive else None
     history = []
     results = start_results
     for it in range(model.iteration + 1, config.iterations + 1):
@@ -174,17 +216,29 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         rotations, rot_mask, pre_shift = search_space(config, it, group, particles, results)
         data_w = spectra_w if pre_shift is None else sampling.apply_shifts(spectra_w, pre_shift)
         bar = progress(len(particles), f"iteration {it}") if progress else None
-        sums, scores, counters = _estep_iteration(model, sampling, config, data_w, masks_w, particles.groups,
-                                                  rotations, rot_mask, seeds if it == 1 else None, bar)
+        seeded = seeds is not None and it == 1
+        offsets = None
+        if adaptive and not seeded and results is not None and config.mode != "cc":
+            offsets = _self_fit_offsets(model, results, particles, masks_w, sampling, N)
+        sums, half_sums, scores, counters = _estep_iteration(
+            model, sampling, config, data_w, masks_w, particles.groups, rotations, rot_mask,
+            seeds if seeded else None, bar, halves=halves, offsets=offsets)
         if bar:
             bar.close()
         t_e = time.perf_counter()
-        comm.allreduce_sum(sums.buffers())
+        if half_sums is None:
+            comm.allreduce_sum(sums.buffers())
+        else:
+            sums = Sums.zeros(*half_sums[0].S.shape[:2])
+            for hs in half_sums:
+                comm.allreduce_sum(hs.buffers())
+                sums.add(hs)
         counts = np.array([counters["samples"], counters["kept"]], dtype=np.float64)
         comm.allreduce_sum([counts])
-        ll_i = _log_likelihoods(scores, rot_mask, len(rotations), model.sigma2, config)
+        ll_i = _log_likelihoods(scores, rot_mask, len(rotations), model, config, corrected=offsets is not None)
         ll = comm.sum(float(ll_i.sum()))
-        model = mstep(sums, model, config, sampling, constraints, inputs, iteration=it, log_likelihood=ll)
+        model = mstep(sums, model, config, sampling, constraints, inputs, iteration=it, log_likelihood=ll,
+                      half_sums=half_sums)
         t_m = time.perf_counter()
         results = _particle_results(particles, scores, rotations, sampling, ll_i, pre_shift)
         stats = IterationStats(
@@ -192,6 +246,8 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             alpha=tuple(float(a) for a in model.alpha), changes=tuple(float(c) for c in model.changes),
             samples=int(counts[0]), kept=int(counts[1]), n_rotations=len(rotations), n_shifts=len(sampling.shifts),
             seconds_estep=t_e - t_start, seconds_mstep=t_m - t_e, seconds_total=time.perf_counter() - t_start,
+            resolution_angstrom=(model.shells.resolution_angstrom(particles.box, voxel) if model.shells is not None
+                                 else float("nan")),
         )
         history.append(stats)
         _write(comm, results, out_dir, model, particles, config, sampling, stats)
@@ -202,7 +258,31 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             break
     gathered = comm.gather(results) if results is not None else None  # collective: every rank calls it
     final = _concat_results(gathered) if comm.rank == 0 and gathered is not None else results
+    if comm.rank == 0 and final is not None:
+        _warn_small_classes(final.classes, config.n_classes)
     return RefineResult(model=model, particles=final, history=tuple(history), out_dir=out_dir)
+
+
+def _self_fit_offsets(model: Model, results: ParticleResults, particles, masks_w, sampling: Sampling,
+                      n_total: int) -> np.ndarray:
+    """``(N_local, K)`` self-fit corrections of the class priors (:mod:`mltomo.ssnr`): each
+    particle's noise is part of the class it was in, with the weight the last M-step gave it."""
+    K = len(model.refs)
+    filt = model.shells.filter if model.shells is not None else np.ones(particles.box // 2 + 1)
+    j_eff = effective_components(filt, masks_w, sampling.radius)
+    prev = np.asarray(results.classes, dtype=np.int64) - 1
+    prev = np.where((prev >= 0) & (prev < K), prev, -1)
+    return self_fit_offsets(prev, np.asarray(particles.groups), j_eff, model.weights(n_total))
+
+
+def _warn_small_classes(classes, K: int) -> None:
+    """Say so when a class ends empty or nearly so (under 2 % of the particles): the data
+    support fewer classes than ``--classes``, or a class holds rare particles worth a look."""
+    sizes = np.bincount(np.asarray(classes) - 1, minlength=K)
+    N = int(sizes.sum())
+    for k, s in enumerate(sizes):
+        if s < max(2, 0.02 * N):
+            log.warning(f"class {k + 1} ends with {s} of {N} particles: the data may hold fewer than {K} classes")
 
 
 def _write(comm, results, out_dir, model, particles, config, sampling, stats) -> None:
@@ -221,7 +301,9 @@ def format_stats(s: IterationStats) -> str:
     alpha = " ".join(f"{a:.3f}" for a in s.alpha)
     ch = " ".join(f"{c:.2e}" for c in s.changes)
     return (f"it {s.iteration:3d}  logL {s.log_likelihood:.6e}  sigma {s.sigma:.4g}  xi {s.xi_voxels:.3g} vox  "
-            f"alpha [{alpha}]  change [{ch}]  R={s.n_rotations} T={s.n_shifts}  "
+            f"alpha [{alpha}]  change [{ch}]  "
+            + (f"res {s.resolution_angstrom:.1f} Å  " if math.isfinite(s.resolution_angstrom) else "")
+            + f"R={s.n_rotations} T={s.n_shifts}  "
             f"pruned {100 * s.pruned_fraction:.1f}%  {s.seconds_total:.1f} s "
             f"(E {s.seconds_estep:.1f}, M {s.seconds_mstep:.1f})")
 

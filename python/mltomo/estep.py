@@ -76,12 +76,14 @@ def estep(
     groups = np.ascontiguousarray(groups, dtype=np.int32)
     offsets = None
     log_alpha = np.asarray(log_alpha, dtype=np.float64)
-    if log_alpha.ndim == 2:  # per particle: the plan keeps the first row, the chunks the rest
+    if log_alpha.ndim == 2:  # per particle: the plan keeps each class's largest, the chunks the offsets
         if log_alpha.shape != (N, K):
             raise ValueError(f"log_alpha must be ({K},) or ({N}, {K}), got {log_alpha.shape}")
-        base = log_alpha[0].copy() if N else np.zeros(K)
-        offsets = np.ascontiguousarray(log_alpha - base[None, :])
-        log_alpha = base
+        base = log_alpha.max(axis=0) if N else np.zeros(K)
+        finite = np.where(np.isfinite(base), base, 0.0)
+        with np.errstate(invalid="ignore"):  # a class off for a particle (-inf) stays off
+            offsets = np.ascontiguousarray(np.where(np.isneginf(log_alpha), -np.inf, log_alpha - finite[None, :]))
+        log_alpha = finite
     # What is fixed for the call (FFT plan, working set, shift tables, rotated references) is
     # built once; the chunks only bound the memory of the translation maps.
     plan = None if N == 0 else _core.EStepPlan(

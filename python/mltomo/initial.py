@@ -62,13 +62,20 @@ def initial_references(particles, sampling: Sampling, config: Config, comm) -> n
       simulation): random subsets (seeded) averaged in those poses (shifts undone); a random
       orientation would leave the references in no particle's frame for the rest of the run.
     * Otherwise reference-free (SPEC §5): shuffle (seeded), split into K subsets and place each
-      particle in a uniformly random orientation.
+      particle in a uniformly random orientation. In the adaptive scheme every class starts
+      from the same average of all the particles so placed: the seeded first iteration then
+      aligns every random subset to one reference, and the classes share one frame (from K
+      different blobs the subsets align to K unrelated frames, and at iteration 2 the class
+      whose frame fits best takes every particle).
     """
     from mltomo import _core
 
     K = config.n_classes
     geo = sampling
     subset, rots, spectra = _starting_poses(particles, geo, config, comm)
+    common = config.scheme == "adaptive" and _reference_free(particles, config, comm)
+    if common:
+        subset = np.zeros_like(subset)
     masks = geo.crop(particles.masks)
     S = np.zeros((K, geo.P_w, geo.P_w, geo.P_w // 2 + 1), np.complex128)
     M = np.zeros(S.shape)
@@ -86,7 +93,14 @@ def initial_references(particles, sampling: Sampling, config: Config, comm) -> n
                              wa_threshold=config.wa_threshold)
     res = config.initial_lowpass_angstrom or 8.0 * geo.voxel_size
     r = geo.n * geo.voxel_size / res
-    return np.stack([lowpass(a, r) for a in refs])
+    refs = np.stack([lowpass(a, r) for a in refs])
+    return np.repeat(refs[:1], K, axis=0) if common else refs
+
+
+def _reference_free(particles, config: Config, comm) -> bool:
+    """Whether the start places particles in random orientations (no prior classes, no fixed poses)."""
+    fixed_poses = (config.no_rotate or config.no_align) and particles.prior_angles is not None
+    return not fixed_poses and not uses_prior_classes(particles, config, comm)
 
 
 def initial_sigma2(spectra_w, masks_w, groups, sampling: Sampling, comm) -> float:
@@ -122,13 +136,11 @@ def estep_seeded(seeds, Fref, sampling: Sampling, data_w, masks_w, groups, rotat
         s, sc, c = estep(Fref[k : k + 1], sampling.pad, np.ascontiguousarray(data_w[idx]), masks_w, groups[idx],
                          sampling.radius, rotations, sampling.shifts, lp, np.zeros(1), sigma2,
                          rot_mask=None if rot_mask is None else np.ascontiguousarray(rot_mask[idx]), **kwargs)
-        sums.W[k] += s.W[0]
-        sums.S[k] += s.S[0]
-        sums.M[k] += s.M[0]
-        sums.Mfull[k] += s.Mfull[0]
-        sums.scalars += s.scalars
-        for name in ("best_rot", "best_shift", "max_post", "n_significant", "log_sum", "x_norm", "n_observed"):
-            getattr(scores, name)[idx] = getattr(sc, name)
+        sums.add(s, k)
+        one = sc.class_log_sum
+        sc.class_log_sum = np.full((len(idx), K), -np.inf)
+        sc.class_log_sum[:, k] = one[:, 0]
+        scores.put(idx, sc)
         if kwargs.get("mode", "ml") == "ml":  # log Σ α_k(…) = log α_k + log Σ(…), the core's sums unchanged
             scores.log_sum[idx] += log_alpha[k]
         scores.best_class[idx] = k

@@ -43,6 +43,7 @@ class Config:
     n_classes: int = 2
     iterations: int = 25
     mode: str = "ml"  # "ml" (imputation), "ml-wa" (weighted averaging), "cc"
+    scheme: str = "adaptive"  # "adaptive" (half-set FSC filter + self-fit correction) or "paper"
     angular_sampling_deg: float = 15.0
     angular_range_deg: float | None = None  # local search around the previous pose
     perturb: bool = True
@@ -89,6 +90,14 @@ class Model:
     iteration: int = 0
     log_likelihood: float = float("nan")
     changes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (K,) ‖ΔA‖²/‖A‖²
+    class_weights: np.ndarray | None = None  # (K,) W_k of the sums that made refs (None: α·N)
+    shells: object = None  # mltomo.ssnr.ShellStats of the adaptive scheme's last M-step, or None
+
+    def weights(self, n_particles: int) -> np.ndarray:
+        """``(K,)`` W_k, the summed class posteriors behind the references."""
+        if self.class_weights is not None:
+            return np.asarray(self.class_weights, dtype=np.float64)
+        return np.asarray(self.alpha, dtype=np.float64) * n_particles
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class IterationStats:
     seconds_estep: float
     seconds_mstep: float
     seconds_total: float
+    resolution_angstrom: float = float("nan")  # adaptive scheme: FSC-0.143 resolution of the classes
 
     @property
     def pruned_fraction(self) -> float:
@@ -166,6 +176,18 @@ class Sums:
         """The arrays an MPI ``Allreduce(SUM)`` must add, in a fixed order."""
         return [self.W, self.S, self.M, self.Mfull, self.scalars]
 
+    def add(self, other: Sums, k: int | None = None) -> None:
+        """Add ``other`` in place: all classes, or ``other``'s single class into class ``k``."""
+        if k is None:
+            for a, b in zip(self.buffers(), other.buffers()):
+                a += b
+            return
+        self.W[k] += other.W[0]
+        self.S[k] += other.S[0]
+        self.M[k] += other.M[0]
+        self.Mfull[k] += other.Mfull[0]
+        self.scalars += other.scalars
+
 
 @dataclass
 class ParticleScores:
@@ -179,9 +201,21 @@ class ParticleScores:
     log_sum: np.ndarray  # float64: log Σ α_k p(t) exp(−d²/2σ²) (ML) or best CC (CC mode)
     x_norm: np.ndarray  # float64: Σ w |X|² over the working set
     n_observed: np.ndarray  # float64: J_i^o
+    class_log_sum: np.ndarray | None = None  # (N, K) float64: log Σ_{r,t} p(t) exp(−d²/2σ²) per class (ML)
+
+    def put(self, idx: np.ndarray, other: ParticleScores) -> None:
+        """Write ``other``'s scores (of the particles ``idx``, in that order) into this set."""
+        for f in fields(self):
+            if f.name == "class_log_sum":
+                if other.class_log_sum is None:
+                    continue
+                if self.class_log_sum is None:
+                    self.class_log_sum = np.full((len(self.log_sum), other.class_log_sum.shape[1]), -np.inf)
+            getattr(self, f.name)[idx] = getattr(other, f.name)
 
     @classmethod
-    def empty(cls, N: int) -> ParticleScores:
+    def empty(cls, N: int, K: int | None = None) -> ParticleScores:
+        """Scores of ``N`` particles before any is scored (with ``K``, room for the per-class sums)."""
         return cls(
             np.full(N, -1, np.int32),
             np.full(N, -1, np.int32),
@@ -191,4 +225,5 @@ class ParticleScores:
             np.zeros(N),
             np.zeros(N),
             np.zeros(N),
+            None if K is None else np.full((N, K), -np.inf),
         )

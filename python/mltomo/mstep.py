@@ -24,6 +24,7 @@ from mltomo.reference import (
     uncrop_padded,
     volume_from_padded,
 )
+from mltomo.ssnr import apply_filter, shell_stats
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def reg_energy(refs, sampling) -> float:
 
 
 def mstep(sums, model, config, sampling, constraints, inputs: MStepInputs, *, iteration: int,
-          log_likelihood: float = float("nan")):
+          log_likelihood: float = float("nan"), half_sums=None):
     """The new :class:`~mltomo.model.Model` from the all-reduced sums of iteration ``iteration``
     (SPEC §4–5): references (imputation or weighted averaging, regularised with θ(it)), then
     ``constraints`` (a :class:`~mltomo.reference.Constraints`: symmetry, masks, working
@@ -172,6 +173,10 @@ def mstep(sums, model, config, sampling, constraints, inputs: MStepInputs, *, it
     theta = regularisation(config, iteration, N)
     refs = update_references(model.refs, sums, mode=config.mode, pad=sampling.pad, gridding=config.gridding,
                              impute_iter=config.impute_iter, wa_threshold=config.wa_threshold, theta=theta)
+    shells = None
+    if half_sums is not None:  # the adaptive scheme: Wiener filter from the half-set FSC (mltomo.ssnr)
+        shells = half_set_shells(model.refs, half_sums, sums.W, config, sampling)
+        refs = apply_filter(refs, shells.filter)
     refs = constraints.apply(refs)
     if config.fix_sigma:
         sigma2 = config.fix_sigma**2
@@ -187,4 +192,13 @@ def mstep(sums, model, config, sampling, constraints, inputs: MStepInputs, *, it
     changes = np.array([float(np.sum((refs[k] - old[k]) ** 2) / max(np.sum(old[k] ** 2), 1e-30))
                         for k in range(len(refs))])
     return Model(refs=refs, alpha=np.asarray(alpha, dtype=np.float64), sigma2=float(sigma2),
-                 xi2_voxels=float(xi2), iteration=iteration, log_likelihood=log_likelihood, changes=changes)
+                 xi2_voxels=float(xi2), iteration=iteration, log_likelihood=log_likelihood, changes=changes,
+                 class_weights=np.asarray(sums.W, dtype=np.float64).copy(), shells=shells)
+
+
+def half_set_shells(refs, half_sums, weights, config, sampling):
+    """:class:`~mltomo.ssnr.ShellStats` of the two half sets' weighted averages of every class
+    (a class a half set never saw keeps ``refs`` there, and correlates fully)."""
+    halves = [update_references(refs, hs, mode="ml-wa", pad=sampling.pad, gridding=config.gridding,
+                                wa_threshold=config.wa_threshold) for hs in half_sums]
+    return shell_stats(halves[0], halves[1], weights, sampling.radius)

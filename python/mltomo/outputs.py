@@ -104,12 +104,58 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         "mltomoPrunedFraction": repr(float(stats.pruned_fraction)),
         "mltomoSecondsIteration": repr(float(stats.seconds_total)),
     }
+    general["mltomoScheme"] = config.scheme
     classes = pd.DataFrame({
         "rlnReferenceImage": maps,
         "rlnClassDistribution": [repr(float(a)) for a in model.alpha],
         "mltomoRelativeChange": [repr(float(c)) for c in model.changes],
+        "mltomoClassWeight": [repr(float(w)) for w in model.weights(particles.n_total)],
     })
-    write_star(f"{prefix}_model.star", {"model_general": general, "model_classes": classes})
+    blocks = {"model_general": general, "model_classes": classes}
+    if model.shells is not None:
+        general["rlnCurrentResolution"] = repr(model.shells.resolution_angstrom(particles.box, voxel))
+        general["mltomoResolutionShell"] = int(model.shells.resolution_shell)
+        blocks["model_shells"] = _shells_table(model, particles.box, voxel)
+    write_star(f"{prefix}_model.star", blocks)
+
+
+def _shells_table(model: Model, n: int, voxel: float):
+    """Per-shell statistics of the adaptive scheme (RELION's names where RELION has one):
+    the class-averaged half-set FSC, the full-set SSNR, the signal power per component
+    ``τ²(s) = SSNR·σ²/W̄`` (W̄ the mean class weight), the Wiener filter applied to every
+    reference, and each class's own half-set FSC."""
+    import pandas as pd
+
+    sh = model.shells
+    s = np.arange(len(sh.fsc))
+    w_mean = float(np.mean(model.weights(0))) if model.class_weights is not None else 1.0
+    cols = {
+        "rlnSpectralIndex": s,
+        "rlnResolution": [repr(float(x)) for x in s / (n * voxel)],
+        "rlnAngstromResolution": [repr(float(n * voxel / x)) if x else "999.0" for x in s],
+        "rlnFourierShellCorrelation": [repr(float(x)) for x in sh.fsc],
+        "rlnSsnrMap": [repr(float(x)) for x in sh.ssnr],
+        "rlnReferenceTau2": [repr(float(x)) for x in sh.ssnr * model.sigma2 / max(w_mean, 1e-30)],
+        "mltomoWienerFilter": [repr(float(x)) for x in sh.filter],
+    }
+    for k, f in enumerate(sh.fsc_classes):
+        cols[f"mltomoFscClass{k + 1:03d}"] = [repr(float(x)) for x in f]
+    return pd.DataFrame(cols)
+
+
+def _read_shells(blocks, general):
+    from mltomo.ssnr import ShellStats
+
+    if "model_shells" not in blocks:
+        return None
+    t = blocks["model_shells"]
+    per_class = [c for c in t.columns if c.startswith("mltomoFscClass")]
+    return ShellStats(
+        fsc_classes=np.stack([t[c].to_numpy(np.float64) for c in sorted(per_class)]),
+        fsc=t["rlnFourierShellCorrelation"].to_numpy(np.float64),
+        filter=t["mltomoWienerFilter"].to_numpy(np.float64),
+        resolution_shell=int(general["mltomoResolutionShell"]),
+    )
 
 
 def last_complete_iteration(out_dir) -> int:
@@ -141,6 +187,9 @@ def read_iteration(out_dir, it: int, particle_indices=None) -> tuple[Model, Part
         iteration=int(gen["rlnCurrentIteration"]),
         log_likelihood=float(gen["rlnLogLikelihood"]),
         changes=np.array([float(c) for c in cls["mltomoRelativeChange"]]),
+        class_weights=(np.array([float(w) for w in cls["mltomoClassWeight"]])
+                       if "mltomoClassWeight" in cls.columns else None),
+        shells=_read_shells(blocks, gen),
     )
     df = read_star(f"{prefix}_data.star")["particles"]
     idx = np.arange(len(df)) if particle_indices is None else np.asarray(particle_indices)

@@ -28,6 +28,10 @@ def add_args(p):
     g.add_argument("--mode", choices=("ml", "ml-wa", "cc"), default="ml",
                    help="ml: ML with imputation of missing data (default, the paper's method); ml-wa: ML posteriors with "
                         "weighted averaging; cc: hard assignment by constrained cross-correlation")
+    g.add_argument("--scheme", choices=("adaptive", "paper"), default="adaptive",
+                   help="classification scheme (default adaptive: references Wiener-filtered by their half-set FSC and "
+                        "each particle's self-fit to its own class removed from the class priors; paper: the "
+                        "paper's EM on the whole working box, as Xmipp's ml_tomo)")
     g.add_argument("--ref", nargs="+", metavar="MRC", help="initial references (one per class; default: reference-free start "
                    "from random subsets in random orientations)")
     g.add_argument("--initial-lowpass", type=float, metavar="A", help="low-pass the initial references to A Å (default: none for --ref maps, 8 voxels for a reference-free "
@@ -75,7 +79,8 @@ def config_from_args(args):
     from mltomo.model import Config
 
     return Config(
-        n_classes=args.classes, iterations=args.iter, mode=args.mode, angular_sampling_deg=args.angular_sampling,
+        n_classes=args.classes, iterations=args.iter, mode=args.mode, scheme=args.scheme,
+        angular_sampling_deg=args.angular_sampling,
         angular_range_deg=args.angular_range, perturb=not args.no_perturb, no_rotate=args.no_rotate,
         no_align=args.no_align, max_shift_voxels=args.max_shift, xi0_voxels=args.xi0, missing=args.missing,
         weight_threshold=args.weight_threshold, impute_iter=args.impute_iter, wa_threshold=args.wa_threshold,
