@@ -87,13 +87,18 @@ def run_one(args, sim, groups, seed, scheme, truth=False):
            "alpha": [round(float(a), 3) for a in res.model.alpha],
            "log_likelihood": round(float(res.model.log_likelihood), 1),
            "log_likelihood_by_iteration": [round(float(h.log_likelihood), 1) for h in res.history],
-           "resolution_angstrom": round(float(res.history[-1].resolution_angstrom), 1),
+           "resolution_angstrom": _finite(res.history[-1].resolution_angstrom),
            "seconds": round(seconds, 1)}
     if not fixed:
         err = angular_errors(sim.rotations, euler_to_matrix(*found.angles.T), found.classes, group=groups,
                              true_classes=sim.classes)
         out["median_angular_error_deg"] = round(float(np.median(err)), 1)
     return out
+
+
+def _finite(x):
+    """``x`` rounded, or None (JSON null) where the run estimated no resolution."""
+    return round(float(x), 1) if np.isfinite(x) else None
 
 
 def main(argv=None) -> int:

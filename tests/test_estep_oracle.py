@@ -149,3 +149,23 @@ def test_per_particle_class_priors_and_class_sums_match_oracle():
     with pytest.raises(ValueError, match="log_alpha"):
         estep(refs, 2, parts, pb["masks"], pb["groups"], 3, pb["rots"], pb["shifts"], pb["lp"], la[:2],
               pb["sigma2"])
+
+
+def test_half_sets_get_their_own_sums_from_one_plan():
+    """estep(halves=h) adds each half set's statistics into its own Sums: the same numbers as two
+    calls on the halves' particles, and their sum is the one-call total."""
+    pb = make_problem(6, N=6, sigma2=5.0)
+    refs = np.stack([padded_transform(a, 2, True) for a in pb["refs"]])
+    parts = np.stack([half(x) for x in pb["parts"]])
+    h = np.array([1, 0, 0, 1, 1, 0])
+    args = (pb["rots"], pb["shifts"], pb["lp"], pb["la"], pb["sigma2"])
+    pair, sc, _ = estep(refs, 2, parts, pb["masks"], pb["groups"], 3, *args, halves=h, nthreads=1)
+    total, sc_all, _ = estep(refs, 2, parts, pb["masks"], pb["groups"], 3, *args, nthreads=1)
+    for k in (0, 1):
+        idx = np.flatnonzero(h == k)
+        s, sck, _ = estep(refs, 2, parts[idx], pb["masks"], pb["groups"][idx], 3, *args, nthreads=1)
+        np.testing.assert_array_equal(pair[k].S, s.S)
+        np.testing.assert_array_equal(pair[k].W, s.W)
+        np.testing.assert_array_equal(sc.log_sum[idx], sck.log_sum)
+    np.testing.assert_allclose(pair[0].S + pair[1].S, total.S, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(sc.best_rot, sc_all.best_rot)

@@ -30,7 +30,7 @@ import numpy as np
 from mltomo import geometry
 from mltomo.estep import estep
 from mltomo.initial import estep_seeded, initial_references, initial_sigma2, seed_classes, uses_prior_classes
-from mltomo.model import Config, IterationStats, Model, ParticleResults, ParticleScores, RefineResult, Sums
+from mltomo.model import Config, IterationStats, Model, ParticleResults, RefineResult, Sums
 from mltomo.mstep import MStepInputs, mstep
 from mltomo.parallel import SerialComm
 from mltomo.reference import Constraints, crop_padded, lowpass, padded_transform, soft_sphere
@@ -125,30 +125,17 @@ def _estep_iteration(model, sampling, config, data_w, masks_w, groups, rotations
     kwargs = dict(mode="cc" if config.mode == "cc" else "ml", prune=config.prune, nthreads=config.threads,
                   memory_budget_bytes=config.memory_budget_bytes, progress=bar.update if bar else None)
 
-    def run(sel):
-        def sub(a):
-            return None if a is None else np.ascontiguousarray(a[sel])
-
-        if seeds is not None:
-            return estep_seeded(seeds[sel], Fref, sampling, sub(data_w), masks_w, groups[sel], rotations, lp,
-                                log_alpha, model.sigma2, sub(rot_mask), kwargs)
-        la = log_alpha if offsets is None else log_alpha[None, :] + offsets[sel]
-        return estep(Fref, sampling.pad, sub(data_w), masks_w, groups[sel], sampling.radius, rotations,
-                     sampling.shifts, lp, la, model.sigma2, rot_mask=sub(rot_mask), **kwargs)
-
+    if seeds is not None:
+        sums, scores, counters = estep_seeded(seeds, Fref, sampling, data_w, masks_w, groups, rotations, lp,
+                                              log_alpha, model.sigma2, rot_mask, kwargs, halves=halves)
+    else:
+        la = log_alpha if offsets is None else log_alpha[None, :] + offsets
+        sums, scores, counters = estep(Fref, sampling.pad, data_w, masks_w, groups, sampling.radius, rotations,
+                                       sampling.shifts, lp, la, model.sigma2, rot_mask=rot_mask, halves=halves,
+                                       **kwargs)
     if halves is None:
-        sums, scores, counters = run(np.arange(len(data_w)))
         return sums, None, scores, counters
-    scores = ParticleScores.empty(len(data_w))
-    half_sums, counters = [], {}
-    for h in (0, 1):
-        sel = np.flatnonzero(halves == h)
-        s, sc, c = run(sel)
-        half_sums.append(s if s is not None else Sums.zeros(len(Fref), Fref.shape[1]))
-        scores.put(sel, sc)
-        for key, v in (c or {}).items():
-            counters[key] = counters.get(key, 0) + v
-    return None, half_sums, scores, counters
+    return None, sums, scores, counters
 
 
 def _log_likelihoods(scores, rot_mask, n_rotations, model: Model, config: Config, corrected: bool) -> np.ndarray:

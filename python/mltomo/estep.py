@@ -38,6 +38,7 @@ def estep(
     nthreads: int = 0,
     memory_budget_bytes: int = 1 << 30,
     rot_block: int = 32,
+    halves: np.ndarray | None = None,
     progress=None,
 ):
     """Run the E-step on all particles, in chunks that bound the memory of the translation maps.
@@ -51,12 +52,14 @@ def estep(
         log_prior_shift: ``(T,)`` log of the normalised translation prior.
         log_alpha: ``(K,)`` log class fractions (``-inf`` switches a class off), or ``(N, K)``
             per-particle log class priors (``log α_k`` plus an offset per particle and class).
-        sums: accumulators to add into (new zeros if None).
+        sums: accumulators to add into (new zeros if None); with ``halves`` a pair of them.
+        halves: optional ``(N,)`` 0/1 half set of every particle: each half's statistics are
+            added into its own :class:`Sums` (one plan serves both).
         rot_mask: optional ``(N, R)`` uint8, the rotations each particle searches.
         progress: optional callable(n_done) called after each chunk.
 
     Returns:
-        ``(sums, scores, counters)``.
+        ``(sums, scores, counters)``; with ``halves``, ``sums`` is the pair ``[Sums, Sums]``.
     """
     from mltomo import _core
 
@@ -66,7 +69,7 @@ def estep(
     N = particles.shape[0]
     R, T = rotations.shape[0], shifts.shape[0]
     if sums is None:
-        sums = Sums.zeros(K, P)
+        sums = Sums.zeros(K, P) if halves is None else [Sums.zeros(K, P), Sums.zeros(K, P)]
     scores = ParticleScores.empty(N, K)
     nthreads = nthreads or _core.max_threads()
     per_particle = K * R * T * 4 + particles[0].nbytes * 2 if N else 1
@@ -91,15 +94,36 @@ def estep(
         shifts=shifts, log_prior_shift=log_prior_shift, log_alpha=log_alpha, sigma2=float(sigma2),
         mode=mode, prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block),
     )
-    for a in range(0, N, chunk):
-        b = min(N, a + chunk)
-        res = plan.run(particles=particles[a:b], groups=groups[a:b], sums=sums,
-                       rot_mask=None if rot_mask is None else rot_mask[a:b],
-                       class_offsets=None if offsets is None else offsets[a:b])
+    for target, sel in _chunks(N, chunk, sums, halves):
+        res = plan.run(particles=_take(particles, sel), groups=_take(groups, sel), sums=target,
+                       rot_mask=_take(rot_mask, sel), class_offsets=_take(offsets, sel))
         for name, values in res["scores"].items():
-            getattr(scores, name)[a:b] = values
+            getattr(scores, name)[sel] = values
         for key in counters:
             counters[key] += res["counters"][key]
         if progress is not None:
-            progress(b - a)
+            progress(len(res["scores"]["log_sum"]))
     return sums, scores, counters
+
+
+def _take(a, sel):
+    """Rows ``sel`` (a slice: a view; indices: a contiguous copy) of ``a``, or None."""
+    if a is None:
+        return None
+    return a[sel] if isinstance(sel, slice) else np.ascontiguousarray(a[sel])
+
+
+def _chunks(N: int, chunk: int, sums, halves):
+    """``(accumulators, particle selection)`` of every chunk: contiguous slices, or with
+    ``halves`` the particles of each half set in order, each half into its own sums."""
+    if halves is None:
+        for a in range(0, N, chunk):
+            yield sums, slice(a, min(N, a + chunk))
+        return
+    halves = np.asarray(halves)
+    if halves.shape != (N,):
+        raise ValueError(f"halves must be ({N},), got {halves.shape}")
+    for h in (0, 1):
+        idx = np.flatnonzero(halves == h)
+        for a in range(0, len(idx), chunk):
+            yield sums[h], idx[a : a + chunk]

@@ -116,17 +116,18 @@ def initial_sigma2(spectra_w, masks_w, groups, sampling: Sampling, comm) -> floa
 
 
 def estep_seeded(seeds, Fref, sampling: Sampling, data_w, masks_w, groups, rotations, lp, log_alpha, sigma2,
-                 rot_mask, kwargs):
+                 rot_mask, kwargs, halves=None):
     """First iteration of a reference-free start: every particle stays in its random subset
     (only its pose is searched), so the classes start as aligned averages of random halves
     instead of a winner-takes-all split between two noisy blobs (RELION seeds classes alike).
 
     Each subset's log-likelihood gets its class's ``log α_k``, so a particle's log-likelihood
     ``log Σ_{r,t} α_k p(t) (1/R) exp(−d²/2σ²) − …`` is the later iterations' with the other
-    classes' prior set to zero: comparable from the first iteration on."""
+    classes' prior set to zero: comparable from the first iteration on. With ``halves`` the
+    sums are a pair, one per half set (:func:`mltomo.estep.estep`)."""
     K = len(Fref)
     P = Fref.shape[1]
-    sums = Sums.zeros(K, P)
+    sums = Sums.zeros(K, P) if halves is None else [Sums.zeros(K, P), Sums.zeros(K, P)]
     scores = ParticleScores.empty(len(data_w))
     counters = None
     for k in range(K):
@@ -135,8 +136,10 @@ def estep_seeded(seeds, Fref, sampling: Sampling, data_w, masks_w, groups, rotat
             continue
         s, sc, c = estep(Fref[k : k + 1], sampling.pad, np.ascontiguousarray(data_w[idx]), masks_w, groups[idx],
                          sampling.radius, rotations, sampling.shifts, lp, np.zeros(1), sigma2,
-                         rot_mask=None if rot_mask is None else np.ascontiguousarray(rot_mask[idx]), **kwargs)
-        sums.add(s, k)
+                         rot_mask=None if rot_mask is None else np.ascontiguousarray(rot_mask[idx]),
+                         halves=None if halves is None else halves[idx], **kwargs)
+        for total, part in ([(sums, s)] if halves is None else zip(sums, s)):
+            total.add(part, k)
         one = sc.class_log_sum
         sc.class_log_sum = np.full((len(idx), K), -np.inf)
         sc.class_log_sum[:, k] = one[:, 0]

@@ -61,27 +61,12 @@ def image_dir(star_path) -> Path:
 
 def read_particles(star_path, *, missing: str = "none", weight_threshold: float | None = None,
                    comm=None) -> Particles:
-    from mltomo.fourier import parse_missing_region, rfft_unitary
-    from mltomo.io import read_volume_any
-    from mltomo.io.star import read_star
-
+    """This rank's block of the STAR table ``star_path``: spectra, missing-region masks (by
+    ``--missing``, the table's ``mltomoMissingRegion``, a tomograms block or weight volumes),
+    priors. A bad table or particle is one error line (``ParticleTableError``) on every rank."""
     comm = comm or SerialComm()
     path = Path(star_path)
-    error = None
-    try:
-        if not path.is_file():
-            raise ParticleTableError(f"{path}: no such file")
-        try:
-            blocks = read_star(path)
-        except ValueError as exc:
-            raise ParticleTableError(str(exc)) from exc
-        df = _particle_block(blocks, path).reset_index(drop=True)
-        if len(df) == 0:
-            raise ParticleTableError(f"{path}: the particle table is empty")
-    except (ParticleTableError, OSError) as exc:
-        error = str(exc)
-    comm.check(error)
-
+    blocks, df = _read_table(path, comm)
     star_dir = image_dir(path)
     optics = blocks.get("optics")
     voxel = None
@@ -94,42 +79,8 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
 
     N = len(df)
     a, b = split_range(N, comm.rank, comm.size)
-    spectra = None  # (b - a, box, box, box//2+1) complex64, allocated with the first particle's box
-    labels, names = [], []
-    masks = {}
-    box = None
-    header_voxel = None
-    error = None
-    try:
-        try:
-            parse_missing_region(missing)
-        except ValueError as exc:
-            raise ParticleTableError(f"--missing {missing}: {exc}") from exc
-        for i in range(a, b):
-            row = df.iloc[i]
-            name = str(row["rlnImageName"])
-            vol, vs = read_volume_any(name, star_dir)
-            if vol.ndim != 3 or len(set(vol.shape)) != 1:
-                raise ParticleTableError(f"{name}: volume is {vol.shape}, particles must be cubic")
-            if box is None:
-                box, header_voxel = vol.shape[0], vs
-                spectra = np.empty((b - a, box, box, box // 2 + 1), np.complex64)
-            elif vol.shape[0] != box:
-                raise ParticleTableError(f"{name}: box {vol.shape[0]} differs from the first particle's {box}")
-            if voxel is None and vs and header_voxel and abs(vs - header_voxel) > 1e-3 * header_voxel:
-                raise ParticleTableError(
-                    f"{name}: voxel size {vs:g} Å differs from the first particle's {header_voxel:g} Å")
-            if not np.all(np.isfinite(vol)):
-                raise ParticleTableError(f"{name}: contains NaN or infinite voxels")
-            label = _region_label(row, df.columns, tomo_regions, missing)
-            if label not in masks:
-                masks[label] = _region_mask(label, name, box, star_dir, weight_threshold)
-            labels.append(label)
-            spectra[i - a] = rfft_unitary(vol.astype(np.float32))
-            names.append(name)
-    except (ParticleTableError, OSError, ValueError) as exc:
-        error = str(exc)
-    comm.check(error)
+    spectra, labels, names, masks, box, header_voxel = _read_block(
+        df, a, b, star_dir, missing, weight_threshold, tomo_regions, voxel, comm)
 
     # Every rank must agree on the box and voxel size.
     info = comm.gather((box, header_voxel))
@@ -168,6 +119,73 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
         prior_shifts_angstrom=cols(("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst")),
         prior_classes=prior_classes,
     )
+
+
+def _read_table(path: Path, comm):
+    """``(blocks, particle table)`` of the STAR file, or one error line on every rank."""
+    from mltomo.io.star import read_star
+
+    error = None
+    blocks = df = None
+    try:
+        if not path.is_file():
+            raise ParticleTableError(f"{path}: no such file")
+        try:
+            blocks = read_star(path)
+        except ValueError as exc:
+            raise ParticleTableError(str(exc)) from exc
+        df = _particle_block(blocks, path).reset_index(drop=True)
+        if len(df) == 0:
+            raise ParticleTableError(f"{path}: the particle table is empty")
+    except (ParticleTableError, OSError) as exc:
+        error = str(exc)
+    comm.check(error)
+    return blocks, df
+
+
+def _read_block(df, a, b, star_dir, missing, weight_threshold, tomo_regions, voxel, comm):
+    """This rank's rows ``a:b``: spectra, region labels, names, masks by label, box and the
+    first particle's header voxel size; a bad file is one error line on every rank."""
+    from mltomo.fourier import parse_missing_region, rfft_unitary
+    from mltomo.io import read_volume_any
+
+    spectra = None  # (b - a, box, box, box//2+1) complex64, allocated with the first particle's box
+    labels, names = [], []
+    masks = {}
+    box = None
+    header_voxel = None
+    error = None
+    try:
+        try:
+            parse_missing_region(missing)
+        except ValueError as exc:
+            raise ParticleTableError(f"--missing {missing}: {exc}") from exc
+        for i in range(a, b):
+            row = df.iloc[i]
+            name = str(row["rlnImageName"])
+            vol, vs = read_volume_any(name, star_dir)
+            if vol.ndim != 3 or len(set(vol.shape)) != 1:
+                raise ParticleTableError(f"{name}: volume is {vol.shape}, particles must be cubic")
+            if box is None:
+                box, header_voxel = vol.shape[0], vs
+                spectra = np.empty((b - a, box, box, box // 2 + 1), np.complex64)
+            elif vol.shape[0] != box:
+                raise ParticleTableError(f"{name}: box {vol.shape[0]} differs from the first particle's {box}")
+            if voxel is None and vs and header_voxel and abs(vs - header_voxel) > 1e-3 * header_voxel:
+                raise ParticleTableError(
+                    f"{name}: voxel size {vs:g} Å differs from the first particle's {header_voxel:g} Å")
+            if not np.all(np.isfinite(vol)):
+                raise ParticleTableError(f"{name}: contains NaN or infinite voxels")
+            label = _region_label(row, df.columns, tomo_regions, missing)
+            if label not in masks:
+                masks[label] = _region_mask(label, name, box, star_dir, weight_threshold)
+            labels.append(label)
+            spectra[i - a] = rfft_unitary(vol.astype(np.float32))
+            names.append(name)
+    except (ParticleTableError, OSError, ValueError) as exc:
+        error = str(exc)
+    comm.check(error)
+    return spectra, labels, names, masks, box, header_voxel
 
 
 def _region_label(row, columns, tomo_regions: dict, missing: str) -> str:
