@@ -25,7 +25,8 @@ def add_args(p):
     p.add_argument("--out", default="mltomo-demo", help="output directory (default mltomo-demo; must be new or empty)")
     p.add_argument("--particles", type=int, default=150, help="number of particles (default 150)")
     p.add_argument("--snr", type=float, default=0.5, help="signal-to-noise ratio (variance ratio; default 0.5)")
-    p.add_argument("--iter", type=int, default=16, help="iterations (default 16)")
+    p.add_argument("--iter", type=int, default=25,
+                   help="iterations (default 25: classes separate after the 5 regularised ones)")
     p.add_argument("--angular-sampling", type=float, default=20.0, help="degrees (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the run (default 0)")
     p.add_argument("--threads", type=int, default=0, help="threads (default: all cores)")
