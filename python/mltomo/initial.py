@@ -32,7 +32,8 @@ def uses_prior_classes(particles, config: Config, comm) -> bool:
 
 def _starting_poses(particles, sampling: Sampling, config: Config, comm):
     """``(subset (N,) 0-based, rotations (N, 3, 3), working-box spectra with known shifts
-    undone)`` of this process's particles for :func:`initial_references`."""
+    undone, reference-free)`` of this process's particles for :func:`initial_references`;
+    reference-free: neither prior classes nor fixed poses, so the rotations are random."""
     spectra = sampling.crop(particles.spectra)
     local = np.asarray(particles.indices)
     prior_classes = uses_prior_classes(particles, config, comm)
@@ -47,7 +48,7 @@ def _starting_poses(particles, sampling: Sampling, config: Config, comm):
             spectra = sampling.apply_shifts(spectra, particles.prior_shifts_angstrom / particles.voxel_size_angstrom)
     else:
         rots = geometry.random_rotations(particles.n_total, np.random.default_rng([config.seed, 0, 8]))[local]
-    return subset, rots, spectra
+    return subset, rots, spectra, not (prior_classes or fixed_poses)
 
 
 def initial_references(particles, sampling: Sampling, config: Config, comm) -> np.ndarray:
@@ -72,8 +73,8 @@ def initial_references(particles, sampling: Sampling, config: Config, comm) -> n
 
     K = config.n_classes
     geo = sampling
-    subset, rots, spectra = _starting_poses(particles, geo, config, comm)
-    common = config.scheme == "adaptive" and _reference_free(particles, config, comm)
+    subset, rots, spectra, reference_free = _starting_poses(particles, geo, config, comm)
+    common = config.scheme == "adaptive" and reference_free
     if common:
         subset = np.zeros_like(subset)
     masks = geo.crop(particles.masks)
@@ -96,11 +97,6 @@ def initial_references(particles, sampling: Sampling, config: Config, comm) -> n
     refs = np.stack([lowpass(a, r) for a in refs])
     return np.repeat(refs[:1], K, axis=0) if common else refs
 
-
-def _reference_free(particles, config: Config, comm) -> bool:
-    """Whether the start places particles in random orientations (no prior classes, no fixed poses)."""
-    fixed_poses = (config.no_rotate or config.no_align) and particles.prior_angles is not None
-    return not fixed_poses and not uses_prior_classes(particles, config, comm)
 
 
 def initial_sigma2(spectra_w, masks_w, groups, sampling: Sampling, comm) -> float:
