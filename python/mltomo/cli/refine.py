@@ -24,13 +24,16 @@ def add_args(p):
                         "--iter and --threads may be changed)")
     g = p.add_argument_group("model")
     g.add_argument("--classes", type=int, default=2, help="number of classes K (default 2)")
-    g.add_argument("--iter", type=int, default=25, help="number of iterations (default 25; the paper ran 40)")
+    g.add_argument("--iter", type=int, default=None,
+                   help="number of iterations (default 25; the paper ran 40; with --continue: the run's own)")
     g.add_argument("--mode", choices=("ml", "ml-wa", "cc"), default="ml",
                    help="ml: ML with imputation of missing data (default, the paper's method); ml-wa: ML posteriors with "
                         "weighted averaging; cc: hard assignment by constrained cross-correlation")
     g.add_argument("--scheme", choices=("adaptive", "paper"), default="adaptive",
                    help="classification scheme (default adaptive: references Wiener-filtered by their half-set FSC and "
-                        "each particle's self-fit to its own class removed from the class priors; paper: the "
+                        "each particle's self-fit to its own class removed from the class priors; a reference-free run "
+                        "aligns with one class for --reg-steps iterations, then splits along the residuals' principal "
+                        "component; paper: the "
                         "paper's EM on the whole working box, as Xmipp's ml_tomo)")
     g.add_argument("--ref", nargs="+", metavar="MRC", help="initial references (one per class; default: reference-free start "
                    "from random subsets in random orientations)")
@@ -42,7 +45,8 @@ def add_args(p):
                         "Xmipp used 1.0)")
     g.add_argument("--reg0", type=float, default=5.0, help="initial regularisation (theta = reg*N/K^2; default 5, the paper's)")
     g.add_argument("--regF", type=float, default=0.0, help="final regularisation (default 0, the paper's)")
-    g.add_argument("--reg-steps", type=int, default=5, help="iterations over which reg goes from reg0 to regF (default 5)")
+    g.add_argument("--reg-steps", type=int, default=5, help="iterations over which reg goes from reg0 to regF (default 5; the adaptive scheme's "
+                   "reference-free runs align with one class during them)")
     g.add_argument("--fix-sigma", type=float, metavar="S", help="fix the noise standard deviation to S (default: estimated every iteration; the paper's near-delta "
                    "runs: sigma/100)")
     g.add_argument("--fix-xi", action="store_true", help="do not update the translation prior width xi (default: updated every iteration)")
@@ -79,7 +83,7 @@ def config_from_args(args):
     from mltomo.model import Config
 
     return Config(
-        n_classes=args.classes, iterations=args.iter, mode=args.mode, scheme=args.scheme,
+        n_classes=args.classes, iterations=args.iter or Config.iterations, mode=args.mode, scheme=args.scheme,
         angular_sampling_deg=args.angular_sampling,
         angular_range_deg=args.angular_range, perturb=not args.no_perturb, no_rotate=args.no_rotate,
         no_align=args.no_align, max_shift_voxels=args.max_shift, xi0_voxels=args.xi0, missing=args.missing,
@@ -108,7 +112,7 @@ def check_args(args) -> None:
         need(value is not None and math.isfinite(value) and value > 0, option, value, "must be a positive number")
 
     need(args.classes >= 1, "--classes", args.classes, "need at least one class")
-    need(args.iter >= 1, "--iter", args.iter, "need at least one iteration")
+    need(args.iter is None or args.iter >= 1, "--iter", args.iter, "need at least one iteration")
     need(args.threads >= 0, "--threads", args.threads, "must be 0 (all cores) or a positive count")
     need(args.impute_iter >= 1, "--impute-iter", args.impute_iter, "need at least one imputation iteration")
     need(args.reg_steps >= 0, "--reg-steps", args.reg_steps, "must not be negative")
