@@ -37,6 +37,8 @@ def parse_args(argv):
     p.add_argument("--resolution", type=float, default=30.0, help="resolution of the rendered phantoms (Å)")
     p.add_argument("--snr", type=float, default=0.5)
     p.add_argument("--max-shift", type=int, default=2, help="shifts of the data and of the search (voxels)")
+    p.add_argument("--default-search", action="store_true",
+                   help="search mltomo's default shift range (min(n/4, 3 xi0)) instead of --max-shift")
     p.add_argument("--preferred", default="moderate", help="preferred orientation (moderate, severe, none)")
     p.add_argument("--classes", type=int, default=2, help="classes K of the refinement (the data have 2)")
     p.add_argument("--iterations", type=int, default=16)
@@ -73,11 +75,15 @@ def run_one(args, sim, groups, seed, scheme, truth=False):
                                     prior_shifts_angstrom=np.asarray(sim.shifts_voxels, np.float64) * sim.voxel_size)
     K = 2 if truth else args.classes
     cfg = Config(n_classes=K, iterations=1 if truth else args.iterations, angular_sampling_deg=args.sampling,
-                 max_shift_voxels=args.max_shift, missing=sim.missing_region, seed=seed, threads=args.threads,
+                 max_shift_voxels=None if args.default_search else args.max_shift, missing=sim.missing_region,
+                 seed=seed, threads=args.threads,
                  max_resolution_angstrom=args.max_resolution or None, no_align=fixed, eps=0.0, scheme=scheme,
                  reg0=0.0 if truth else Config.reg0)
+    by_iteration = []
     t0 = time.perf_counter()
-    res = run_em(parts, cfg, refs=sim.references if truth else None)
+    res = run_em(parts, cfg, refs=sim.references if truth else None,
+                 callback=lambda stats, model, results: by_iteration.append(
+                     round(float(class_purity(sim.classes, results.classes)), 3)))
     seconds = time.perf_counter() - t0
     found = res.particles
     sizes = np.bincount(found.classes - 1, minlength=K)
@@ -87,6 +93,7 @@ def run_one(args, sim, groups, seed, scheme, truth=False):
            "alpha": [round(float(a), 3) for a in res.model.alpha],
            "log_likelihood": round(float(res.model.log_likelihood), 1),
            "log_likelihood_by_iteration": [round(float(h.log_likelihood), 1) for h in res.history],
+           "purity_by_iteration": by_iteration,
            "resolution_angstrom": _finite(res.history[-1].resolution_angstrom),
            "seconds": round(seconds, 1)}
     if not fixed:

@@ -84,8 +84,8 @@ def test_prior_classes_and_poses_from_the_table_start_the_references():
 
 
 def test_seeded_first_iteration_log_likelihood_includes_log_alpha():
-    """A reference-free start scores each particle only against its random subset's class in
-    iteration 1; its log-likelihood must still be SPEC §3's
+    """A reference-free start (the paper's scheme) scores each particle only against its random
+    subset's class in iteration 1; its log-likelihood must still be SPEC §3's
     ``log Σ α_k p(t) (1/R) exp(−d²/2σ²) − (J_i^o/2) log 2πσ²``, here with the other classes'
     α set to zero, so that it is comparable with the later iterations'. (Without ``N log α``
     every particle's contribution was ``log K`` too high.)"""
@@ -99,7 +99,7 @@ def test_seeded_first_iteration_log_likelihood_includes_log_alpha():
     rots = cube_rotations()[:4]
     parts, _, _, _ = make_particles(refs, rots, 12, 0.5, rng, max_shift=0)
     cfg = Config(n_classes=2, iterations=0, padding=1.0, gridding=False, perturb=False, rotations=rots,
-                 max_shift_voxels=0, reg0=0.0, regF=0.0, eps=0.0, threads=1)
+                 max_shift_voxels=0, reg0=0.0, regF=0.0, eps=0.0, threads=1, scheme="paper")
     start = run_em(parts, cfg).model  # iteration 0: the initial references and σ²
     seen = {}
     run_em(parts, dataclasses.replace(cfg, iterations=1), callback=lambda s, m, r: seen.update(ll=r.log_likelihood))

@@ -24,7 +24,7 @@ N_PARTICLES = 24
 VOXEL = 10.0
 WEDGE = "wedge_y:-60:60"
 REFINE = ["--classes", "2", "--iter", "3", "--angular-sampling", "30", "--max-shift", "1",
-          "--missing", WEDGE, "--seed", "3", "--threads", "1"]
+          "--missing", WEDGE, "--seed", "3", "--threads", "1", "--reg-steps", "1"]  # split after it 1
 # ``mltomo refine`` under a file-size limit (as on a full disk, or over quota), for rank 0 only;
 # MPI is initialised before the limit is set because its shared-memory transport makes big files.
 _LIMITED_RANK = ("import resource, sys; import mltomo._core; from mpi4py import MPI; from mltomo.cli import main; "

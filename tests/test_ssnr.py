@@ -117,9 +117,9 @@ def test_effective_components_match_full_spectrum_count():
 
 
 def test_self_fit_offsets():
-    off = self_fit_offsets(np.array([0, 1, -1, 1]), np.array([0, 1, 0, 0]), np.array([100.0, 50.0]),
-                           np.array([10.0, 20.0]))
-    assert np.allclose(off, [[-10, 0], [0, -2.5], [0, 0], [0, -5]])
+    post = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.25, 0.75]])
+    off = self_fit_offsets(post, np.array([0, 1, 0, 0]), np.array([100.0, 50.0]), np.array([10.0, 20.0]))
+    assert np.allclose(off, [[-10, 0], [0, -2.5], [0, 0], [-2.5, -3.75]])
 
 
 def test_shell_stats_round_trip_fields():
@@ -161,7 +161,7 @@ def test_self_fit_is_J_over_W_and_the_offsets_remove_it(seed):
             return np.where(sc.best_class == member, lo, -lo)
 
         plain.append(np.mean(preference(np.zeros(2))))
-        corrected.append(np.mean(preference(self_fit_offsets(member, groups, np.array([J]), W))))
+        corrected.append(np.mean(preference(self_fit_offsets(np.eye(2)[member], groups, np.array([J]), W))))
         expect.append(np.mean(J / W[member]))
     assert np.mean(plain) == pytest.approx(np.mean(expect), rel=0.15)
     assert abs(np.mean(corrected)) < 0.15 * np.mean(expect)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from mltomo.mstep import MStepInputs, mstep
 from mltomo.parallel import SerialComm
 from mltomo.reference import Constraints, crop_padded, lowpass, padded_transform, soft_sphere
 from mltomo.sampling import Sampling, search_space
+from mltomo.split import one_class, pca_split, replicate
 from mltomo.ssnr import effective_components, half_sets, self_fit_offsets
 
 log = logging.getLogger("mltomo")
@@ -190,11 +192,18 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     model = start_model
     if model is None:
         model = _start(particles, config, sampling, constraints, refs, spectra_w, masks_w, comm)
-    seeds = None
-    if start_model is None and refs is None and config.n_classes > 1 and not config.no_align \
-            and not uses_prior_classes(particles, config, comm):
-        seeds = seed_classes(config, N)[np.asarray(particles.indices)]
     adaptive = config.scheme == "adaptive"
+    free = refs is None and config.n_classes > 1 and not config.no_align \
+        and not uses_prior_classes(particles, config, comm)
+    tied_until = _tied_iterations(config) if adaptive and free else 0
+    if tied_until and config.iterations <= tied_until and comm.rank == 0:
+        log.warning(f"{config.iterations} iterations: the classes split after iteration {tied_until}, so every class "
+                    f"ends with the same reference (use --iter {tied_until + 10} or more, or a smaller --reg-steps)")
+    seeds, seed_it = None, 0
+    if free and start_model is None and not tied_until:
+        seeds, seed_it = seed_classes(config, N)[np.asarray(particles.indices)], 1
+    elif tied_until and start_model is not None and start_model.iteration == tied_until:
+        seeds, seed_it = np.asarray(start_results.classes, dtype=np.int64) - 1, tied_until + 1
     halves = half_sets(config.seed, N)[np.asarray(particles.indices)] if adaptive else None
     history = []
     results = start_results
@@ -203,12 +212,14 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         rotations, rot_mask, pre_shift = search_space(config, it, group, particles, results)
         data_w = spectra_w if pre_shift is None else sampling.apply_shifts(spectra_w, pre_shift)
         bar = progress(len(particles), f"iteration {it}") if progress else None
-        seeded = seeds is not None and it == 1
+        tied = it <= tied_until
+        seeded = seeds is not None and it == seed_it
+        work = one_class(model) if tied else model
         offsets = None
-        if adaptive and not seeded and results is not None and config.mode != "cc":
+        if adaptive and not (tied or seeded) and results is not None and config.mode != "cc":
             offsets = _self_fit_offsets(model, results, particles, masks_w, sampling, N)
         sums, half_sums, scores, counters = _estep_iteration(
-            model, sampling, config, data_w, masks_w, particles.groups, rotations, rot_mask,
+            work, sampling, config, data_w, masks_w, particles.groups, rotations, rot_mask,
             seeds if seeded else None, bar, halves=halves, offsets=offsets)
         if bar:
             bar.close()
@@ -222,12 +233,31 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
                 sums.add(hs)
         counts = np.array([counters["samples"], counters["kept"]], dtype=np.float64)
         comm.allreduce_sum([counts])
-        ll_i = _log_likelihoods(scores, rot_mask, len(rotations), model, config, corrected=offsets is not None)
+        split_seeded = seeded and tied_until > 0
+        if split_seeded and scores.class_log_sum is not None:  # equal references: the same sum for every class
+            scores.class_log_sum[:] = np.max(scores.class_log_sum, axis=1, keepdims=True)
+        ll_i = _log_likelihoods(scores, rot_mask, len(rotations), work, config,
+                                corrected=offsets is not None or split_seeded)
         ll = comm.sum(float(ll_i.sum()))
-        model = mstep(sums, model, config, sampling, constraints, inputs, iteration=it, log_likelihood=ll,
-                      half_sums=half_sums)
+        if tied:
+            model = replicate(mstep(sums, work, replace(config, n_classes=1), sampling, constraints, inputs,
+                                    iteration=it, log_likelihood=ll, half_sums=half_sums), config.n_classes)
+        else:
+            model = mstep(sums, model, config, sampling, constraints, inputs, iteration=it, log_likelihood=ll,
+                          half_sums=half_sums)
+        posteriors = None
+        if not tied and config.mode != "cc":
+            posteriors = _class_posteriors(scores, work, offsets, seeds if seeded else None)
+        results = _particle_results(particles, scores, rotations, sampling, ll_i, pre_shift, posteriors)
+        if it == tied_until:  # the first split: the next E-step keeps every particle in its part
+            seeds, seed_it = pca_split(spectra_w, masks_w, particles.groups, results, voxel, sampling, model.shells,
+                                       config.n_classes, comm, seed=config.seed), it + 1
+            W = np.bincount(seeds, minlength=config.n_classes).astype(np.float64)
+            comm.allreduce_sum([W])
+            model = replace(model, alpha=W / N, class_weights=W)
+            results = replace(results, classes=seeds + 1,
+                              class_posteriors=np.eye(config.n_classes)[seeds])
         t_m = time.perf_counter()
-        results = _particle_results(particles, scores, rotations, sampling, ll_i, pre_shift)
         stats = IterationStats(
             iteration=it, log_likelihood=ll, sigma=math.sqrt(model.sigma2), xi_voxels=math.sqrt(model.xi2_voxels),
             alpha=tuple(float(a) for a in model.alpha), changes=tuple(float(c) for c in model.changes),
@@ -250,16 +280,28 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     return RefineResult(model=model, particles=final, history=tuple(history), out_dir=out_dir)
 
 
+def _tied_iterations(config: Config) -> int:
+    """How many first iterations a reference-free adaptive run aligns with one class: those the
+    paper regularises (``reg_steps``), at least 1 (:mod:`mltomo.split`). Not a function of
+    ``iterations``, so a run continued with a larger ``--iter`` keeps its schedule."""
+    return max(1, config.reg_steps)
+
+
 def _self_fit_offsets(model: Model, results: ParticleResults, particles, masks_w, sampling: Sampling,
                       n_total: int) -> np.ndarray:
     """``(N_local, K)`` self-fit corrections of the class priors (:mod:`mltomo.ssnr`): each
-    particle's noise is part of the class it was in, with the weight the last M-step gave it."""
+    particle's noise is part of every class with the posterior the last E-step gave it there
+    (the class it was in, where the results hold no posteriors)."""
     K = len(model.refs)
     filt = model.shells.filter if model.shells is not None else np.ones(particles.box // 2 + 1)
     j_eff = effective_components(filt, masks_w, sampling.radius)
-    prev = np.asarray(results.classes, dtype=np.int64) - 1
-    prev = np.where((prev >= 0) & (prev < K), prev, -1)
-    return self_fit_offsets(prev, np.asarray(particles.groups), j_eff, model.weights(n_total))
+    post = results.class_posteriors
+    if post is None or np.shape(post) != (len(results.classes), K):
+        prev = np.asarray(results.classes, dtype=np.int64) - 1
+        ok = (prev >= 0) & (prev < K)
+        post = np.zeros((len(prev), K))
+        post[np.flatnonzero(ok), prev[ok]] = 1.0
+    return self_fit_offsets(post, np.asarray(particles.groups), j_eff, model.weights(n_total))
 
 
 def _warn_small_classes(classes, K: int) -> None:
@@ -295,7 +337,26 @@ def format_stats(s: IterationStats) -> str:
             f"(E {s.seconds_estep:.1f}, M {s.seconds_mstep:.1f})")
 
 
-def _particle_results(particles, scores, rotations, geo, ll_i, pre_shift):
+def _class_posteriors(scores, model: Model, offsets, seeds) -> np.ndarray | None:
+    """``(N, K)`` each particle's class posterior, marginal over poses, as the E-step weighed it
+    (its class priors with the self-fit offsets; one-hot in a seeded iteration)."""
+    K = len(model.refs)
+    if seeds is not None:
+        return np.eye(K)[np.asarray(seeds, dtype=np.int64)]
+    if scores.class_log_sum is None:
+        return None
+    with np.errstate(divide="ignore"):
+        t = np.log(np.asarray(model.alpha, dtype=np.float64))[None, :] + scores.class_log_sum
+    if offsets is not None:
+        t = t + offsets
+    m = np.max(t, axis=1, keepdims=True)
+    ok = np.isfinite(m[:, 0])
+    p = np.exp(t - np.where(ok[:, None], m, 0.0))
+    s = p.sum(1, keepdims=True)
+    return np.where(ok[:, None] & (s > 0), p / np.where(s > 0, s, 1.0), 1.0 / K)
+
+
+def _particle_results(particles, scores, rotations, geo, ll_i, pre_shift, posteriors=None):
     N = len(particles)
     ok = scores.best_rot >= 0
     R = np.where(ok[:, None, None], rotations[np.clip(scores.best_rot, 0, None)], np.eye(3))
@@ -311,11 +372,15 @@ def _particle_results(particles, scores, rotations, geo, ll_i, pre_shift):
         max_post=scores.max_post.copy(),
         n_significant=scores.n_significant.copy(),
         log_likelihood=ll_i.copy(),
+        class_posteriors=posteriors,
     )
 
 
 def _concat_results(parts):
     parts = [p for p in parts if p is not None]
+    post = None
+    if all(p.class_posteriors is not None for p in parts):
+        post = np.concatenate([p.class_posteriors for p in parts])
     return ParticleResults(*[np.concatenate([getattr(p, f) for p in parts]) for f in
                              ("indices", "classes", "angles", "shifts_angstrom", "max_post",
-                              "n_significant", "log_likelihood")])
+                              "n_significant", "log_likelihood")], class_posteriors=post)

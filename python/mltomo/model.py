@@ -111,6 +111,7 @@ class ParticleResults:
     max_post: np.ndarray  # (N,)
     n_significant: np.ndarray  # (N,)
     log_likelihood: np.ndarray  # (N,) rlnLogLikeliContribution
+    class_posteriors: np.ndarray | None = None  # (N, K) P(class k | X_i) of the E-step (ML), or None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ Per iteration ``it`` (rank 0, every file written to a temporary name then rename
 * ``run_itNNN_classKKK.mrc``: the references;
 * ``run_itNNN_data.star``: the input table with, per particle, ``rlnClassNumber``,
   ``rlnAngleRot/Tilt/Psi``, ``rlnOriginX/Y/ZAngst`` (SPEC §1 convention),
-  ``rlnMaxValueProbDistribution``, ``rlnNrOfSignificantSamples``, ``rlnLogLikeliContribution``;
+  ``rlnMaxValueProbDistribution``, ``rlnNrOfSignificantSamples``, ``rlnLogLikeliContribution``,
+  and (ML) ``mltomoClassPosterior1..K``, each particle's class posterior;
 * ``run_itNNN_model.star``, written last, so its presence marks a complete iteration:
   ``data_model_general`` (log-likelihood, σ, ξ, ...) and ``data_model_classes``
   (class map, fraction α_k, relative change).
@@ -83,6 +84,9 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         "rlnNrOfSignificantSamples": results.n_significant[order].astype(int),
         "rlnLogLikeliContribution": results.log_likelihood[order],
     }
+    if results.class_posteriors is not None:  # the next iteration's self-fit offsets (resume)
+        for k in range(results.class_posteriors.shape[1]):
+            cols[f"mltomoClassPosterior{k + 1}"] = results.class_posteriors[order, k]
     for k, v in cols.items():
         df[k] = v
     write_star(f"{prefix}_data.star", {"particles": df}, float_format="%.10g")
@@ -202,8 +206,17 @@ def read_iteration(out_dir, it: int, particle_indices=None) -> tuple[Model, Part
         max_post=sub["rlnMaxValueProbDistribution"].to_numpy(np.float64),
         n_significant=sub["rlnNrOfSignificantSamples"].to_numpy(np.int64),
         log_likelihood=sub["rlnLogLikeliContribution"].to_numpy(np.float64),
+        class_posteriors=_read_posteriors(sub, len(refs)),
     )
     return model, res
+
+
+def _read_posteriors(table, K: int):
+    """``(N, K)`` the ``mltomoClassPosterior1..K`` columns, or None where a table lacks them."""
+    names = [f"mltomoClassPosterior{k + 1}" for k in range(K)]
+    if not all(c in table.columns for c in names):
+        return None
+    return table[names].to_numpy(np.float64)
 
 
 def remove_incomplete(out_dir, last_complete: int) -> None:

@@ -27,11 +27,14 @@ The scheme answers both with the data's own resolution measure:
    below 0.143. ``A_k ← f ⊙ A_k`` after each M-step: it is the MAP estimate of each shell under
    a Gaussian prior of signal power ``τ²(s) = SSNR(s)·σ²/W`` (Scheres 2012), with ``τ²`` measured
    on independent halves instead of on the (self-fitted) class averages.
-3. With the filtered references a particle's noise carries weight ``f_j/W_k`` in its class, so
-   the self-fit advantage is ``J_i^f/W_k`` nats with ``J_i^f = Σ_j w_ij f(s_j)`` over the
-   working set (full spectrum). The E-step subtracts it: the class prior of particle ``i`` for
-   the class ``k_i`` it was in at the previous iteration is ``log α_k − J_i^f/W_k``
-   (a leave-one-out correction; twice the value over-corrects and splits classes at random).
+3. With the filtered references a particle's noise carries weight ``P_ik f_j/W_k`` in class
+   ``k`` (``P_ik`` its class posterior in the E-step that made the average), so the self-fit
+   advantage is ``P_ik J_i^f/W_k`` nats with ``J_i^f = Σ_j w_ij f(s_j)`` over the working set
+   (full spectrum). The E-step subtracts it: the class prior of particle ``i`` for class ``k``
+   is ``log α_k − P_ik J_i^f/W_k`` (a leave-one-out correction; twice the value over-corrects
+   and splits classes at random; with the full correction on the MAP class only, a particle
+   near the boundary is pushed out of whichever class it is in and changes class every
+   iteration).
 
 The reported log-likelihood never includes the correction (see :func:`mltomo.em`).
 """
@@ -117,16 +120,11 @@ def effective_components(filt: np.ndarray, masks_w: np.ndarray, radius: float) -
     return np.array([float(np.sum(f * m)) for m in masks_w])
 
 
-def self_fit_offsets(prev_classes: np.ndarray, groups: np.ndarray, j_eff: np.ndarray, weights: np.ndarray,
+def self_fit_offsets(posteriors: np.ndarray, groups: np.ndarray, j_eff: np.ndarray, weights: np.ndarray,
                      ) -> np.ndarray:
-    """``(N, K)`` log class-prior offsets: ``−J^f_{g(i)}/W_k`` for the class ``k`` particle ``i``
-    was in (0-based ``prev_classes``; −1: none), 0 for the others."""
-    K = len(weights)
-    N = len(prev_classes)
-    out = np.zeros((N, K))
-    ok = (prev_classes >= 0) & (prev_classes < K)
-    rows = np.flatnonzero(ok)
-    k = prev_classes[rows]
-    W = np.asarray(weights, dtype=np.float64)[k]
-    out[rows, k] = -np.asarray(j_eff, dtype=np.float64)[groups[rows]] / np.maximum(W, 1e-9)
-    return out
+    """``(N, K)`` log class-prior offsets ``−P_ik J^f_{g(i)}/W_k``: particle ``i``'s noise is in
+    class ``k``'s average with weight ``P_ik/W_k`` (``posteriors`` ``(N, K)``, the previous
+    E-step's class posteriors; one-hot rows give the hard leave-one-out, zero rows no offset)."""
+    P = np.asarray(posteriors, dtype=np.float64)
+    W = np.maximum(np.asarray(weights, dtype=np.float64), 1e-9)
+    return -P * np.asarray(j_eff, dtype=np.float64)[np.asarray(groups)][:, None] / W[None, :]
