@@ -35,7 +35,7 @@ from mltomo.model import Config, IterationStats, Model, ParticleResults, RefineR
 from mltomo.mstep import MStepInputs, mstep
 from mltomo.parallel import SerialComm
 from mltomo.reference import Constraints, crop_padded, lowpass, padded_transform, soft_sphere
-from mltomo.sampling import Sampling, search_space
+from mltomo.sampling import Sampling, same_rotations_every_iteration, search_space
 from mltomo.split import one_class, pca_split, replicate
 from mltomo.ssnr import effective_components, half_sets, self_fit_offsets
 
@@ -193,6 +193,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     if model is None:
         model = _start(particles, config, sampling, constraints, refs, spectra_w, masks_w, comm)
     adaptive = config.scheme == "adaptive"
+    self_fit = adaptive and config.mode != "cc" and same_rotations_every_iteration(config)
     free = refs is None and config.n_classes > 1 and not config.no_align \
         and not uses_prior_classes(particles, config, comm)
     tied_until = _tied_iterations(config) if adaptive and free else 0
@@ -216,7 +217,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         seeded = seeds is not None and it == seed_it
         work = one_class(model) if tied else model
         offsets = None
-        if adaptive and not (tied or seeded) and results is not None and config.mode != "cc":
+        if self_fit and not (tied or seeded) and results is not None:
             offsets = _self_fit_offsets(model, results, particles, masks_w, sampling, N)
         sums, half_sums, scores, counters = _estep_iteration(
             work, sampling, config, data_w, masks_w, particles.groups, rotations, rot_mask,

@@ -104,6 +104,13 @@ class Sampling:
         return out
 
 
+def same_rotations_every_iteration(config: Config) -> bool:
+    """Whether every iteration searches the rotations of the last (fixed poses, an explicit
+    list, or an unperturbed grid): then a particle is scored at the poses its noise was added
+    to the references with, and fits that noise (:mod:`mltomo.ssnr`)."""
+    return bool(config.no_rotate or config.no_align or config.rotations is not None or not config.perturb)
+
+
 def rotation_grid(config: Config, iteration: int, group: np.ndarray) -> np.ndarray:
     """``(R, 3, 3)`` the global grid of an iteration: ``config.rotations`` if given, else the
     SO(3) grid, perturbed (seeded by ``(seed, iteration)``), in the asymmetric unit of ``group``."""
