@@ -27,7 +27,8 @@ between particles; the zeroed diagonal drops each particle's own noise power). I
 eigenvector separates two classes by sign; for K classes the particles are clustered (k-means)
 on the top ``K − 1`` eigenvectors scaled by ``sqrt(λ)``. Where the grid holds more than
 ``max_components`` components inside the resolution, a seeded random subset of them is used
-(an unbiased estimate of ``G``), so the Gram matrix costs ``N² × max_components``.
+(an unbiased estimate of ``G``); beyond ``MAX_DENSE`` particles the top eigenvectors come from
+subspace iteration on products with the residuals, so ``G`` (``N²``) is never formed.
 """
 
 from __future__ import annotations
@@ -91,16 +92,52 @@ def gram(r: np.ndarray) -> np.ndarray:
     return G
 
 
-def split_from_gram(G: np.ndarray, K: int, seed: int = 0) -> np.ndarray:
-    """``(N,)`` 0-based labels: the top ``K − 1`` eigenvectors of ``G`` (scaled by sqrt λ),
-    clustered into ``K`` groups (exact 1-D 2-means for ``K = 2``, seeded k-means otherwise)."""
-    N = len(G)
-    lam, V = np.linalg.eigh(G)
-    top = np.argsort(lam)[::-1][: K - 1]
-    X = V[:, top] * np.sqrt(np.maximum(lam[top], 0.0))[None]
+MAX_DENSE = 3000  # particles up to which the Gram matrix is formed and diagonalised whole
+
+
+def top_eigenvectors(r: np.ndarray, m: int, *, seed: int = 0, max_dense: int = MAX_DENSE, iterations: int = 300):
+    """``(λ (m,), V (N, m))``: the ``m`` largest eigenpairs of ``gram(r)``, largest first.
+
+    Up to ``max_dense`` particles by ``eigh`` of the matrix; beyond, by subspace iteration
+    on ``G V = Re(r (r^H V)) − diag(|r_i|²) V`` (``N × C`` per step, ``G`` never formed),
+    shifted by the Gershgorin bound so that the wanted end of the spectrum dominates."""
+    N = len(r)
+    if N <= max_dense:
+        lam, V = np.linalg.eigh(gram(r))
+        top = np.argsort(lam)[::-1][:m]
+        return lam[top], V[:, top]
+    d = np.sum(np.abs(r) ** 2, axis=1)
+
+    def apply(V):
+        return (r @ (r.conj().T @ V)).real - d[:, None] * V
+
+    shift = float(d.max())  # G + shift·I is positive semi-definite: the top of G is its top
+    p = min(N, m + 8)
+    V, _ = np.linalg.qr(np.random.default_rng([seed, 0, 13]).normal(size=(N, p)))
+    for _ in range(iterations):
+        V_new, _ = np.linalg.qr(apply(V) + shift * V)
+        if np.allclose(np.abs(np.sum(V_new[:, :m] * V[:, :m], axis=0)), 1.0, atol=1e-10):
+            V = V_new
+            break
+        V = V_new
+    H = V.T @ apply(V)
+    lam, U = np.linalg.eigh(0.5 * (H + H.T))
+    top = np.argsort(lam)[::-1][:m]
+    return lam[top], V @ U[:, top]
+
+
+def split_from_residuals(r: np.ndarray, K: int, seed: int = 0, max_dense: int = MAX_DENSE) -> np.ndarray:
+    """``(N,)`` 0-based labels: the top ``K − 1`` eigenvectors of ``gram(r)`` (scaled by
+    sqrt λ), clustered into ``K`` groups (exact 1-D 2-means for ``K = 2``, seeded k-means
+    otherwise)."""
+    N = len(r)
+    if N < K:
+        return np.arange(N) % K
+    lam, V = top_eigenvectors(r, K - 1, seed=seed, max_dense=max_dense)
+    X = V * np.sqrt(np.maximum(lam, 0.0))[None]
     if K == 2:
         return _two_means_1d(X[:, 0])
-    return kmeans(X, K, seed=seed, restarts=10) if N >= K else np.arange(N) % K
+    return kmeans(X, K, seed=seed, restarts=10)
 
 
 def _two_means_1d(x: np.ndarray) -> np.ndarray:
@@ -156,7 +193,7 @@ def pca_split(spectra_w, masks_w, groups, results, voxel_size, sampling, shells,
         R = np.concatenate([g[1] for g in gathered]).astype(np.complex128)
         order = np.argsort(rows)
         labels_all = np.empty(len(rows), np.int64)
-        labels_all[order] = split_from_gram(gram(R[order]), K, seed=seed)
+        labels_all[order] = split_from_residuals(R[order], K, seed=seed)
         labels_all = dict(zip(rows.tolist(), labels_all.tolist()))
     labels_all = comm.bcast(labels_all)
     return np.array([labels_all[int(i)] for i in results.indices], dtype=np.int64)
