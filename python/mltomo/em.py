@@ -12,7 +12,9 @@ One iteration:
 5. per-particle results gathered to rank 0, which writes the files.
 
 How a run starts (initial references and σ, the seeded first iteration) is
-:mod:`mltomo.initial`. The driver reads no files: the focused mask arrives as an array.
+:mod:`mltomo.initial`; in the adaptive scheme a reference-free run first aligns with one class
+(the tied iterations) and then splits once along the residuals' principal components
+(:mod:`mltomo.split`), the next iteration keeping each particle in its group. The driver reads no files: the focused mask arrives as an array.
 
 Every random choice is seeded by ``(seed, iteration)`` and every sum is reduced in a fixed
 order, so a run is reproducible for a given seed, thread count and rank count, and a run
@@ -140,6 +142,21 @@ def _estep_iteration(model, sampling, config, data_w, masks_w, groups, rotations
     return None, sums, scores, counters
 
 
+def _reduce(sums, half_sums, counters, comm):
+    """``(sums, [samples, kept])`` over all processes (collective); with half sets, each half's
+    sums are reduced in place and ``sums`` is their total."""
+    if half_sums is None:
+        comm.allreduce_sum(sums.buffers())
+    else:
+        sums = Sums.zeros(*half_sums[0].S.shape[:2])
+        for hs in half_sums:
+            comm.allreduce_sum(hs.buffers())
+            sums.add(hs)
+    counts = np.array([counters["samples"], counters["kept"]], dtype=np.float64)
+    comm.allreduce_sum([counts])
+    return sums, counts
+
+
 def _log_likelihoods(scores, rot_mask, n_rotations, model: Model, config: Config, corrected: bool) -> np.ndarray:
     """Per-particle log-likelihood contributions (SPEC §3); the best CC in ``cc`` mode.
 
@@ -194,17 +211,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         model = _start(particles, config, sampling, constraints, refs, spectra_w, masks_w, comm)
     adaptive = config.scheme == "adaptive"
     self_fit = adaptive and config.mode != "cc" and same_rotations_every_iteration(config)
-    free = refs is None and config.n_classes > 1 and not config.no_align \
-        and not uses_prior_classes(particles, config, comm)
-    tied_until = _tied_iterations(config) if adaptive and free else 0
-    if tied_until and config.iterations <= tied_until and comm.rank == 0:
-        log.warning(f"{config.iterations} iterations: the classes split after iteration {tied_until}, so every class "
-                    f"ends with the same reference (use --iter {tied_until + 10} or more, or a smaller --reg-steps)")
-    seeds, seed_it = None, 0
-    if free and start_model is None and not tied_until:
-        seeds, seed_it = seed_classes(config, N)[np.asarray(particles.indices)], 1
-    elif tied_until and start_model is not None and start_model.iteration == tied_until:
-        seeds, seed_it = np.asarray(start_results.classes, dtype=np.int64) - 1, tied_until + 1
+    tied_until, seeds, seed_it = _schedule(particles, config, refs, start_model, start_results, comm)
     halves = half_sets(config.seed, N)[np.asarray(particles.indices)] if adaptive else None
     history = []
     results = start_results
@@ -225,39 +232,25 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         if bar:
             bar.close()
         t_e = time.perf_counter()
-        if half_sums is None:
-            comm.allreduce_sum(sums.buffers())
-        else:
-            sums = Sums.zeros(*half_sums[0].S.shape[:2])
-            for hs in half_sums:
-                comm.allreduce_sum(hs.buffers())
-                sums.add(hs)
-        counts = np.array([counters["samples"], counters["kept"]], dtype=np.float64)
-        comm.allreduce_sum([counts])
+        sums, counts = _reduce(sums, half_sums, counters, comm)
         split_seeded = seeded and tied_until > 0
         if split_seeded and scores.class_log_sum is not None:  # equal references: the same sum for every class
             scores.class_log_sum[:] = np.max(scores.class_log_sum, axis=1, keepdims=True)
         ll_i = _log_likelihoods(scores, rot_mask, len(rotations), work, config,
                                 corrected=offsets is not None or split_seeded)
         ll = comm.sum(float(ll_i.sum()))
+        mstep_config = replace(config, n_classes=1) if tied else config
+        model = mstep(sums, work, mstep_config, sampling, constraints, inputs, iteration=it, log_likelihood=ll,
+                      half_sums=half_sums)
         if tied:
-            model = replicate(mstep(sums, work, replace(config, n_classes=1), sampling, constraints, inputs,
-                                    iteration=it, log_likelihood=ll, half_sums=half_sums), config.n_classes)
-        else:
-            model = mstep(sums, model, config, sampling, constraints, inputs, iteration=it, log_likelihood=ll,
-                          half_sums=half_sums)
+            model = replicate(model, config.n_classes)
         posteriors = None
         if not tied and config.mode != "cc":
             posteriors = _class_posteriors(scores, work, offsets, seeds if seeded else None)
         results = _particle_results(particles, scores, rotations, sampling, ll_i, pre_shift, posteriors)
         if it == tied_until:  # the first split: the next E-step keeps every particle in its part
-            seeds, seed_it = pca_split(spectra_w, masks_w, particles.groups, results, voxel, sampling, model.shells,
-                                       config.n_classes, comm, seed=config.seed), it + 1
-            W = np.bincount(seeds, minlength=config.n_classes).astype(np.float64)
-            comm.allreduce_sum([W])
-            model = replace(model, alpha=W / N, class_weights=W)
-            results = replace(results, classes=seeds + 1,
-                              class_posteriors=np.eye(config.n_classes)[seeds])
+            seeds, model, results = _first_split(model, results, particles, spectra_w, masks_w, sampling, config, comm)
+            seed_it = it + 1
         t_m = time.perf_counter()
         stats = IterationStats(
             iteration=it, log_likelihood=ll, sigma=math.sqrt(model.sigma2), xi_voxels=math.sqrt(model.xi2_voxels),
@@ -279,6 +272,40 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     if comm.rank == 0 and final is not None:
         _warn_small_classes(final.classes, config.n_classes)
     return RefineResult(model=model, particles=final, history=tuple(history), out_dir=out_dir)
+
+
+def _schedule(particles, config: Config, refs, start_model, start_results, comm):
+    """How a run starts: ``(tied_until, seeds, seed_it)``. A reference-free adaptive run aligns
+    with one class for ``tied_until`` iterations, then splits (:func:`_first_split`); a
+    reference-free run of the paper's scheme keeps each particle in its random subset (0-based
+    ``seeds``) in iteration ``seed_it`` = 1. A run continued right after the split takes the
+    split from ``start_results``."""
+    free = refs is None and config.n_classes > 1 and not config.no_align \
+        and not uses_prior_classes(particles, config, comm)
+    tied_until = _tied_iterations(config) if config.scheme == "adaptive" and free else 0
+    if tied_until and config.iterations <= tied_until and comm.rank == 0:
+        log.warning(f"{config.iterations} iterations: the classes split after iteration {tied_until}, so every class "
+                    f"ends with the same reference (use --iter {tied_until + 10} or more, or a smaller --reg-steps)")
+    if free and start_model is None and not tied_until:
+        return 0, seed_classes(config, particles.n_total)[np.asarray(particles.indices)], 1
+    if tied_until and start_model is not None and start_model.iteration == tied_until:
+        return tied_until, np.asarray(start_results.classes, dtype=np.int64) - 1, tied_until + 1
+    return tied_until, None, 0
+
+
+def _first_split(model: Model, results: ParticleResults, particles, spectra_w, masks_w, sampling: Sampling,
+                 config: Config, comm):
+    """``(seeds, model, results)`` after the last tied iteration: each particle's group along
+    the residuals' principal components (:mod:`mltomo.split`, collective), α and W_k the
+    groups' shares, and the results holding the groups as classes (with one-hot posteriors)."""
+    K, N = config.n_classes, particles.n_total
+    seeds = pca_split(spectra_w, masks_w, particles.groups, results, particles.voxel_size_angstrom, sampling,
+                      model.shells, K, comm, seed=config.seed)
+    W = np.bincount(seeds, minlength=K).astype(np.float64)
+    comm.allreduce_sum([W])
+    model = replace(model, alpha=W / N, class_weights=W)
+    results = replace(results, classes=seeds + 1, class_posteriors=np.eye(K)[seeds])
+    return seeds, model, results
 
 
 def _tied_iterations(config: Config) -> int:
