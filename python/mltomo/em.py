@@ -351,8 +351,11 @@ def _warn_similar_classes(model: Model) -> None:
     """Say so when two classes hold the same structure within the resolution the data support
     (:func:`mltomo.ssnr.class_similarity` ≥ ``SAME_STRUCTURE``): more classes than the data hold."""
     S = getattr(model.shells, "similarity", None)
-    if S is None:
+    if S is None or len(S) < 2:
         return
+    pairs = [(k, l) for k in range(len(S)) for l in range(k + 1, len(S))]  # noqa: E741
+    log.info("class similarity (1: one structure; mltomo.ssnr.class_similarity): "
+             + ", ".join(f"{k + 1}-{l + 1} {S[k, l]:.2f}" for k, l in pairs))
     for k in range(len(S)):
         for l in range(k + 1, len(S)):  # noqa: E741
             if S[k, l] >= SAME_STRUCTURE:
