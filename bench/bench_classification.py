@@ -94,8 +94,6 @@ def run_one(args, sim, groups, seed, scheme, truth=False):
            "log_likelihood": round(float(res.model.log_likelihood), 1),
            "log_likelihood_by_iteration": [round(float(h.log_likelihood), 1) for h in res.history],
            "purity_by_iteration": by_iteration,
-           "class_similarity": (None if getattr(res.model.shells, "similarity", None) is None
-                                else np.round(res.model.shells.similarity, 3).tolist()),
            "resolution_angstrom": _finite(res.history[-1].resolution_angstrom),
            "seconds": round(seconds, 1)}
     if not fixed:

@@ -165,24 +165,3 @@ def test_self_fit_is_J_over_W_and_the_offsets_remove_it(seed):
         expect.append(np.mean(J / W[member]))
     assert np.mean(plain) == pytest.approx(np.mean(expect), rel=0.15)
     assert abs(np.mean(corrected)) < 0.15 * np.mean(expect)
-
-
-def test_class_similarity_is_one_for_one_structure_and_less_for_two():
-    """Half-set averages of one structure in two classes (different sizes) correlate across the
-    classes as well as within them (S ≈ 1); two structures that share half their power do not."""
-    rng = np.random.default_rng(5)
-    n = 16
-    a = rng.normal(size=(n, n, n))
-    b = 0.7 * a + 0.7 * rng.normal(size=(n, n, n))
-
-    def halves(structures, sizes):
-        return [np.stack([s + rng.normal(scale=np.sqrt(2.0 / m) * 3, size=s.shape) for s, m in zip(structures, sizes)])
-                for _ in range(2)]
-
-    ha, hb = halves([a, a], [40, 20])
-    same = shell_stats(ha, hb, np.array([40.0, 20.0]), limit_shell=n / 2 - 1)
-    ha, hb = halves([a, b], [40, 20])
-    other = shell_stats(ha, hb, np.array([40.0, 20.0]), limit_shell=n / 2 - 1)
-    assert same.similarity.shape == (2, 2) and np.allclose(np.diag(same.similarity), 1.0)
-    assert same.similarity[0, 1] == pytest.approx(1.0, abs=0.1)
-    assert other.similarity[0, 1] < 0.85

@@ -14,8 +14,7 @@ One iteration:
 How a run starts (initial references and σ, the seeded first iteration) is
 :mod:`mltomo.initial`; in the adaptive scheme a reference-free run first aligns with one class
 (the tied iterations) and then splits once along the residuals' principal components
-(:mod:`mltomo.split`), the next iteration keeping each particle in its group. The driver reads
-no files: the focused mask arrives as an array.
+(:mod:`mltomo.split`), the next iteration keeping each particle in its group. The driver reads no files: the focused mask arrives as an array.
 
 Every random choice is seeded by ``(seed, iteration)`` and every sum is reduced in a fixed
 order, so a run is reproducible for a given seed, thread count and rank count, and a run
@@ -272,7 +271,6 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     final = _concat_results(gathered) if comm.rank == 0 and gathered is not None else results
     if comm.rank == 0 and final is not None:
         _warn_small_classes(final.classes, config.n_classes)
-        _warn_similar_classes(model)
     return RefineResult(model=model, particles=final, history=tuple(history), out_dir=out_dir)
 
 
@@ -342,26 +340,6 @@ def _warn_small_classes(classes, K: int) -> None:
     for k, s in enumerate(sizes):
         if s < max(2, 0.02 * N):
             log.warning(f"class {k + 1} ends with {s} of {N} particles: the data may hold fewer than {K} classes")
-
-
-SAME_STRUCTURE = 0.9  # class_similarity above which two classes are reported as one structure
-
-
-def _warn_similar_classes(model: Model) -> None:
-    """Say so when two classes hold the same structure within the resolution the data support
-    (:func:`mltomo.ssnr.class_similarity` ≥ ``SAME_STRUCTURE``): more classes than the data hold."""
-    S = getattr(model.shells, "similarity", None)
-    if S is None or len(S) < 2:
-        return
-    pairs = [(k, l) for k in range(len(S)) for l in range(k + 1, len(S))]  # noqa: E741
-    log.info("class similarity (1: one structure; mltomo.ssnr.class_similarity): "
-             + ", ".join(f"{k + 1}-{l + 1} {S[k, l]:.2f}" for k, l in pairs))
-    for k in range(len(S)):
-        for l in range(k + 1, len(S)):  # noqa: E741
-            if S[k, l] >= SAME_STRUCTURE:
-                log.warning(f"classes {k + 1} and {l + 1} hold the same structure as far as the data tell (half-set "
-                            f"averages correlate {S[k, l]:.2f} as well across the classes as within them): the data "
-                            f"may hold fewer than {len(S)} classes")
 
 
 def _write(comm, results, out_dir, model, particles, config, sampling, stats) -> None:

@@ -9,8 +9,7 @@ Per iteration ``it`` (rank 0, every file written to a temporary name then rename
   and (ML) ``mltomoClassPosterior1..K``, each particle's class posterior;
 * ``run_itNNN_model.star``, written last, so its presence marks a complete iteration:
   ``data_model_general`` (log-likelihood, σ, ξ, ...) and ``data_model_classes``
-  (class map, fraction α_k, relative change, W_k and, in the adaptive scheme, each pair's
-  ``mltomoSimilarityClassLLL``: :func:`mltomo.ssnr.class_similarity`).
+  (class map, fraction α_k, relative change).
 
 ``run_config.json`` (written once) records the input table and every option, so that
 ``mltomo refine --continue DIR`` can pick up after the last complete iteration. Every random
@@ -116,10 +115,6 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         "mltomoRelativeChange": [repr(float(c)) for c in model.changes],
         "mltomoClassWeight": [repr(float(w)) for w in model.weights(particles.n_total)],
     })
-    sim = getattr(model.shells, "similarity", None)
-    if sim is not None and np.shape(sim) == (len(model.refs),) * 2:  # mltomo.ssnr.class_similarity
-        for k in range(len(model.refs)):
-            classes[f"mltomoSimilarityClass{k + 1:03d}"] = [repr(float(x)) for x in sim[:, k]]
     blocks = {"model_general": general, "model_classes": classes}
     if model.shells is not None:
         general["rlnCurrentResolution"] = repr(model.shells.resolution_angstrom(particles.box, voxel))
@@ -164,15 +159,7 @@ def _read_shells(blocks, general):
         fsc=t["rlnFourierShellCorrelation"].to_numpy(np.float64),
         filter=t["mltomoWienerFilter"].to_numpy(np.float64),
         resolution_shell=int(general["mltomoResolutionShell"]),
-        similarity=_read_similarity(blocks["model_classes"]),
     )
-
-
-def _read_similarity(classes):
-    cols = sorted(c for c in classes.columns if c.startswith("mltomoSimilarityClass"))
-    if not cols or len(cols) != len(classes):
-        return None
-    return np.stack([classes[c].to_numpy(np.float64) for c in cols], axis=1)
 
 
 def last_complete_iteration(out_dir) -> int:

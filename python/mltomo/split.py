@@ -214,8 +214,7 @@ def replicate(model, K: int):
 
     shells = model.shells
     if shells is not None:
-        shells = replace(shells, fsc_classes=np.repeat(shells.fsc_classes[:1], K, axis=0),
-                         similarity=None if shells.similarity is None else np.ones((K, K)))
+        shells = replace(shells, fsc_classes=np.repeat(shells.fsc_classes[:1], K, axis=0))
     W = model.weights(1)[0] if model.class_weights is not None else float("nan")
     return replace(model, refs=np.repeat(np.asarray(model.refs)[:1], K, axis=0), alpha=np.full(K, 1.0 / K),
                    changes=np.repeat(np.asarray(model.changes)[:1], K), class_weights=np.full(K, W / K),

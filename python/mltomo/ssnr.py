@@ -69,7 +69,6 @@ class ShellStats:
     fsc: np.ndarray  # (n//2+1,) their W-weighted mean, shell 0 set to 1
     filter: np.ndarray  # (n//2+1,) 2 FSC/(1 + FSC) up to the resolution shell, then 0
     resolution_shell: int  # last shell with FSC ≥ 0.143 (the filter is 0 beyond it)
-    similarity: np.ndarray | None = None  # (K, K) class_similarity of the half-set averages
 
     @property
     def ssnr(self) -> np.ndarray:
@@ -93,9 +92,7 @@ def shell_stats(half_a: np.ndarray, half_b: np.ndarray, weights: np.ndarray, lim
     class weights ``W_k``, and the Wiener filter (0 beyond the FSC-``threshold`` shell and beyond
     ``limit_shell``, the working radius)."""
     K, n = half_a.shape[0], half_a.shape[1]
-    Fa = [rfft_unitary(half_a[k]) for k in range(K)]
-    Fb = [rfft_unitary(half_b[k]) for k in range(K)]
-    per_class = np.stack([fsc(Fa[k], Fb[k], n) for k in range(K)])
+    per_class = np.stack([fsc(rfft_unitary(half_a[k]), rfft_unitary(half_b[k]), n) for k in range(K)])
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum() if w.sum() > 0 else np.full(K, 1.0 / K)
     common = np.clip(w @ per_class, 0.0, 0.999)
@@ -106,30 +103,7 @@ def shell_stats(half_a: np.ndarray, half_b: np.ndarray, weights: np.ndarray, lim
     res = int(min(res, np.floor(limit_shell + 1e-9)))
     filt = np.where(shells <= res, 2.0 * common / (1.0 + common), 0.0)
     filt[0] = 1.0
-    res = max(res, 1)
-    return ShellStats(fsc_classes=per_class, fsc=common, filter=filt, resolution_shell=res,
-                      similarity=class_similarity(Fa, Fb, per_class, res, n))
-
-
-def class_similarity(Fa, Fb, per_class: np.ndarray, res_shell: int, n: int) -> np.ndarray:
-    """``(K, K)``: how well the half-set averages of classes ``k`` and ``l`` correlate across
-    the classes, relative to within them, over shells ``1 … res_shell``:
-
-        S_kl = Σ_s ½[FSC(A_k^(1), A_l^(2)) + FSC(A_l^(1), A_k^(2))] / Σ_s sqrt(FSC_k FSC_l).
-
-    For one structure in both classes (per-particle SSNR ρ, halves of ``n_k/2`` particles)
-    ``E FSC(A_k^(1), A_l^(2)) = ρ/sqrt((ρ + 2/n_k)(ρ + 2/n_l)) = sqrt(FSC_k FSC_l)``, so
-    ``S_kl ≈ 1``; structures that differ correlate less. 1 on the diagonal; NaN where a class
-    has no resolved signal."""
-    K = len(Fa)
-    sel = slice(1, int(res_shell) + 1)
-    S = np.eye(K)
-    for k in range(K):
-        for l in range(k + 1, K):  # noqa: E741 - the docstring's index
-            cross = 0.5 * (fsc(Fa[k], Fb[l], n) + fsc(Fa[l], Fb[k], n))[sel]
-            within = np.sqrt(np.clip(per_class[k], 0, None) * np.clip(per_class[l], 0, None))[sel]
-            S[k, l] = S[l, k] = float(cross.sum() / within.sum()) if within.sum() > 0 else float("nan")
-    return S
+    return ShellStats(fsc_classes=per_class, fsc=common, filter=filt, resolution_shell=max(res, 1))
 
 
 def apply_filter(refs: np.ndarray, filt: np.ndarray) -> np.ndarray:
