@@ -14,7 +14,8 @@ One iteration:
 How a run starts (initial references and σ, the seeded first iteration) is
 :mod:`mltomo.initial`; in the adaptive scheme a reference-free run first aligns with one class
 (the tied iterations) and then splits once along the residuals' principal components
-(:mod:`mltomo.split`), the next iteration keeping each particle in its group. The driver reads no files: the focused mask arrives as an array.
+(:mod:`mltomo.split`), the next iteration keeping each particle in its group. The driver reads
+no files: the focused mask arrives as an array.
 
 Every random choice is seeded by ``(seed, iteration)`` and every sum is reduced in a fixed
 order, so a run is reproducible for a given seed, thread count and rank count, and a run
