@@ -19,7 +19,8 @@ Runs (each from the weighted averages of two random subsets in random orientatio
 regularisation θ = 5N/K² falling linearly to 0 over 5 iterations):
 
 * A: ML (imputation) and CC (constrained cross-correlation, weighted averaging) at every SNR,
-  moderate preferred orientation: class purity vs SNR.
+  moderate preferred orientation: class purity vs SNR; and the ceiling of the protocol's search,
+  the classes of one E-step from the true maps (``ml-true-maps``, not in the paper).
 * B: ML with σ fixed 100× below the true noise (near-delta posteriors) at ``--snr-bcd``.
 * C, D: ML (imputation) vs ML with weighted averaging at ``--snr-bcd``, moderate (C) and
   severe (D) preferred orientation.
@@ -58,6 +59,7 @@ METHODS = {
     "cc": ("CC (weighted averaging)", "tab:red"),
     "ml-delta": ("ML, σ/100 (near-delta)", "tab:orange"),
     "ml-wa": ("ML, weighted averaging", "tab:purple"),
+    "ml-true-maps": ("ML, true maps (ceiling)", "tab:gray"),
     "ml-true-poses": ("ML, true poses fixed", "tab:green"),
     "ml-k1-groel": ("ML, K=1, GroEL14 only", "tab:green"),
 }
@@ -126,6 +128,7 @@ def plan(p: Protocol, panels: str) -> list[Run]:
     if "A" in panels:
         add("ml", p.snrs)
         add("cc", p.snrs)
+        add("ml-true-maps", p.snrs)
     if "B" in panels:
         add("ml", [p.snr_bcd])
         add("ml-delta", [p.snr_bcd])
@@ -180,16 +183,20 @@ def execute(p: Protocol, run: Run, sim, groups, threads: int, comm) -> dict | No
     elif run.method == "ml-k1-groel":
         sel = np.flatnonzero(true_cls == 1)
         K = 1
+    elif run.method == "ml-true-maps":  # one E-step from the true maps: the protocol's ceiling
+        options.update(iterations=1, reg0=0.0)
     parts = particles_from_arrays(sim.volumes[sel], sim.voxel_size, sim.missing_region, comm=comm)
     mine = sel[parts.indices]  # this rank's block
     if run.method == "ml-true-poses":
         shifts = np.asarray(sim.shifts_voxels, np.float64) * sim.voxel_size
         parts = dataclasses.replace(parts, prior_angles=np.asarray(sim.angles, dtype=np.float64)[mine],
                                     prior_shifts_angstrom=shifts[mine])
-    cfg = Config(n_classes=K, iterations=p.iterations, angular_sampling_deg=p.sampling,
+    protocol_options = dict(iterations=p.iterations, reg0=p.reg0)
+    protocol_options.update(options)
+    cfg = Config(n_classes=K, angular_sampling_deg=p.sampling,
                  max_shift_voxels=p.search_max_shift, max_resolution_angstrom=p.max_resolution,
-                 missing=p.missing, reg0=p.reg0, reg_steps=p.reg_steps, eps=0.0, seed=run.seed, scheme=p.scheme,
-                 threads=threads, **options)
+                 missing=p.missing, reg_steps=p.reg_steps, eps=0.0, seed=run.seed, scheme=p.scheme,
+                 threads=threads, **protocol_options)
     purity_path, ll_path = [], []
 
     def follow(stats, model, results):  # on every rank, with this rank's results
@@ -199,7 +206,8 @@ def execute(p: Protocol, run: Run, sim, groups, threads: int, comm) -> dict | No
             ll_path.append(float(stats.log_likelihood))
 
     t0 = time.perf_counter()
-    res = run_em(parts, cfg, comm=comm, callback=follow)
+    refs = sim.references if run.method == "ml-true-maps" else None
+    res = run_em(parts, cfg, refs=refs, comm=comm, callback=follow)
     seconds = time.perf_counter() - t0
     if comm.rank != 0:
         return None
@@ -336,7 +344,7 @@ def plot(runs: list[dict], p: Protocol, path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
     a, b, c, d, e, f = axes.ravel()
-    _vs_snr(a, runs, ["ml", "cc"], "purity", "class purity")
+    _vs_snr(a, runs, ["ml", "cc", "ml-true-maps"], "purity", "class purity")
     a.set_title("A  ML vs CC, moderate preferred orientation", fontsize=9, loc="left")
     _paths(b, runs, ["ml", "ml-delta"], "moderate", p.snr_bcd)
     b.set_title(f"B  ML vs near-delta (σ/100), SNR {p.snr_bcd:g}", fontsize=9, loc="left")

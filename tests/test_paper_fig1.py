@@ -27,7 +27,7 @@ def fig1():
 
 
 def test_plan_covers_every_panel_once(fig1):
-    """The quick protocol: A = ML and CC at 3 SNRs x 2 seeds; B, C add σ/100 and weighted
+    """The quick protocol: A = ML, CC and the true-map ceiling at 3 SNRs x 2 seeds; B, C add σ/100 and weighted
     averaging at the B-D SNR; D both on severe data; E, F one run per SNR and seed. A's ML
     runs serve B, C, E and F, so no run is planned twice."""
     p = fig1.PROTOCOLS["quick"]
@@ -37,7 +37,7 @@ def test_plan_covers_every_panel_once(fig1):
     count = {m: sum(r.method == m for r in runs) for m in fig1.METHODS}
     n_pts = len(p.snrs) * p.seeds
     assert count == {"ml": n_pts + p.seeds, "cc": n_pts, "ml-delta": p.seeds, "ml-wa": 2 * p.seeds,
-                     "ml-true-poses": n_pts, "ml-k1-groel": n_pts}
+                     "ml-true-maps": n_pts, "ml-true-poses": n_pts, "ml-k1-groel": n_pts}
     assert {r.preferred for r in runs if r.method == "ml-wa"} == {"moderate", "severe"}
     assert all(r.snr == p.snr_bcd for r in runs if r.method in ("ml-delta", "ml-wa"))
     # one data set at a time: runs on the same (preferred, seed, SNR) are adjacent
@@ -56,11 +56,12 @@ def test_tiny_protocol_end_to_end(fig1, tmp_path, capsys):
     doc = json.loads((out / "runs.json").read_text())
     assert doc["protocol"]["snrs"] == [0.05, 0.5] and doc["protocol"]["iterations"] == 2
     runs = {r["id"]: r for r in doc["runs"]}
-    assert set(runs) == {f"{m}/moderate/snr{s}/seed1" for m in ("ml", "cc", "ml-true-poses", "ml-k1-groel")
-                         for s in ("0.05", "0.5")}
+    methods = ("ml", "cc", "ml-true-maps", "ml-true-poses", "ml-k1-groel")
+    assert set(runs) == {f"{m}/moderate/snr{s}/seed1" for m in methods for s in ("0.05", "0.5")}
     for r in runs.values():
         assert 0.5 <= r["purity"] <= 1.0
-        assert len(r["purity_by_iteration"]) == r["iterations"] == 2
+        # the ceiling is one E-step from the true maps; every other run follows the protocol
+        assert len(r["purity_by_iteration"]) == r["iterations"] == (1 if r["method"] == "ml-true-maps" else 2)
         assert r["purity_by_iteration"][-1] == pytest.approx(r["purity"], abs=1e-4)
         assert 0.0 <= r["median_angular_error_deg"] <= 180.0
         assert sum(r["class_sizes"]) == r["particles"]
@@ -68,6 +69,8 @@ def test_tiny_protocol_end_to_end(fig1, tmp_path, capsys):
     assert k1["classes"] == 1 and k1["particles"] < 12 and k1["purity"] == 1.0
     # the true poses are kept exactly: no angular error at all
     assert runs["ml-true-poses/moderate/snr0.5/seed1"]["median_angular_error_deg"] < 1e-3
+    # started from the true maps at SNR 0.5 the classes are the true ones
+    assert runs["ml-true-maps/moderate/snr0.5/seed1"]["purity"] == 1.0
     png = (out / "fig1.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "summary.md").read_text()
@@ -76,7 +79,7 @@ def test_tiny_protocol_end_to_end(fig1, tmp_path, capsys):
     # The same command again does nothing new; another protocol into the same folder is refused.
     capsys.readouterr()
     assert fig1.main(argv) == 0
-    assert "0 runs to do (8 already in" in capsys.readouterr().out
+    assert "0 runs to do (10 already in" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="another protocol"):
         fig1.main([*argv, "--iterations", "3"])
     assert json.loads((out / "runs.json").read_text()) == doc
