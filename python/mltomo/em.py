@@ -168,11 +168,8 @@ def _log_likelihoods(scores, rot_mask, n_rotations, model: Model, config: Config
         return scores.log_sum.copy()
     log_sum = scores.log_sum
     if corrected:
-        with np.errstate(divide="ignore"):
-            t = np.log(np.asarray(model.alpha, dtype=np.float64))[None, :] + scores.class_log_sum
-        m = np.max(t, axis=1, keepdims=True)
-        ok = np.isfinite(m[:, 0])
-        log_sum = np.where(ok, m[:, 0] + np.log(np.sum(np.exp(t - np.where(ok[:, None], m, 0)), axis=1)), log_sum)
+        m, ok, e = _class_terms(scores, model)
+        log_sum = np.where(ok, m + np.log(np.sum(e, axis=1)), log_sum)
     n_rot = rot_mask.sum(1) if rot_mask is not None else np.full(len(log_sum), n_rotations)
     return log_sum - np.log(n_rot) - 0.5 * scores.n_observed * np.log(2 * np.pi * model.sigma2)
 
@@ -374,15 +371,23 @@ def _class_posteriors(scores, model: Model, offsets, seeds) -> np.ndarray | None
         return np.eye(K)[np.asarray(seeds, dtype=np.int64)]
     if scores.class_log_sum is None:
         return None
+    _, ok, p = _class_terms(scores, model, offsets)
+    s = p.sum(1, keepdims=True)
+    return np.where(ok[:, None] & (s > 0), p / np.where(s > 0, s, 1.0), 1.0 / K)
+
+
+def _class_terms(scores, model: Model, offsets=None):
+    """``(m (N,), ok (N,), e (N, K))`` of each particle's per-class terms
+    ``t_k = log α_k + log Σ_{r,t}(…)_k (+ offsets)``: their maximum ``m``, whether it is finite,
+    and ``e_k = exp(t_k − m)`` (``exp(t_k)`` where it is not), so that
+    ``log Σ_k exp t_k = m + log Σ_k e_k`` and ``P_k = e_k / Σ_k e_k``."""
     with np.errstate(divide="ignore"):
         t = np.log(np.asarray(model.alpha, dtype=np.float64))[None, :] + scores.class_log_sum
     if offsets is not None:
         t = t + offsets
-    m = np.max(t, axis=1, keepdims=True)
-    ok = np.isfinite(m[:, 0])
-    p = np.exp(t - np.where(ok[:, None], m, 0.0))
-    s = p.sum(1, keepdims=True)
-    return np.where(ok[:, None] & (s > 0), p / np.where(s > 0, s, 1.0), 1.0 / K)
+    m = np.max(t, axis=1)
+    ok = np.isfinite(m)
+    return m, ok, np.exp(t - np.where(ok, m, 0.0)[:, None])
 
 
 def _particle_results(particles, scores, rotations, geo, ll_i, pre_shift, posteriors=None):

@@ -192,11 +192,10 @@ def pca_split(spectra_w, masks_w, groups, results, voxel_size, sampling, shells,
         rows = np.concatenate([g[0] for g in gathered])
         R = np.concatenate([g[1] for g in gathered]).astype(np.complex128)
         order = np.argsort(rows)
-        labels_all = np.empty(len(rows), np.int64)
-        labels_all[order] = split_from_residuals(R[order], K, seed=seed)
-        labels_all = dict(zip(rows.tolist(), labels_all.tolist()))
+        labels_all = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, np.int64)  # by table row
+        labels_all[rows[order]] = split_from_residuals(R[order], K, seed=seed)
     labels_all = comm.bcast(labels_all)
-    return np.array([labels_all[int(i)] for i in results.indices], dtype=np.int64)
+    return labels_all[np.asarray(results.indices, dtype=np.int64)]
 
 
 def one_class(model):
