@@ -337,3 +337,24 @@ def test_reading_particles_holds_their_spectra_once(tmp_path):
     assert parts.spectra.shape == (N, n, n, n // 2 + 1) and parts.spectra.dtype == np.complex64
     assert peak < 1.5 * size, f"peak {peak / 1e6:.1f} MB for {size / 1e6:.1f} MB of spectra"
     np.testing.assert_allclose(parts.spectra[7], rfft_unitary(vols[7]), rtol=1e-5, atol=1e-4)
+
+
+def test_ref_maps_read_em_as_mrc(tmp_path):
+    """``--ref`` reads TOM ``.em`` maps as the particles do (it refused them once), and a map of
+    the wrong box is still one line naming the file."""
+    from types import SimpleNamespace
+
+    from mltomo.cli.runner import _read_refs
+    from mltomo.io import write_volume
+    from mltomo.model import Config
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, 6, 6, 6)).astype(np.float32)
+    write_volume(tmp_path / "a.em", a, 4.0)
+    write_volume(tmp_path / "b.mrc", b, 4.0)
+    parts = SimpleNamespace(box=6, voxel_size_angstrom=4.0)
+    refs = _read_refs([tmp_path / "a.em", tmp_path / "b.mrc"], Config(n_classes=2), parts)
+    np.testing.assert_array_equal(refs, np.stack([a, b]))
+    write_volume(tmp_path / "c.em", np.zeros((4, 4, 4), np.float32), 4.0)
+    with pytest.raises(ValueError, match=r"c\.em: reference is 4x4x4, particles are 6³"):
+        _read_refs([tmp_path / "c.em"], Config(n_classes=1), parts)

@@ -35,7 +35,7 @@ def add_args(p):
                         "aligns with one class for --reg-steps iterations, then splits along the residuals' principal "
                         "component; paper: the "
                         "paper's EM on the whole working box, as Xmipp's ml_tomo)")
-    g.add_argument("--ref", nargs="+", metavar="MRC", help="initial references (one per class; default: reference-free start "
+    g.add_argument("--ref", nargs="+", metavar="MAP", help="initial references, MRC or .em (one per class; default: reference-free start "
                    "from random subsets in random orientations)")
     g.add_argument("--initial-lowpass", type=float, metavar="A", help="low-pass the initial references to A Å (default: none for --ref maps, 8 voxels for a reference-free "
                    "start; paper: 40 for p53)")

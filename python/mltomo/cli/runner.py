@@ -32,7 +32,8 @@ class _Progress:
 
 
 def _read_refs(paths, config, particles):
-    from mltomo.io.mrc import read_volume
+    """The ``--ref`` maps (MRC or TOM ``.em``, as the particles) as ``(K, n, n, n)``."""
+    from mltomo.io import read_volume
 
     if len(paths) != config.n_classes:
         raise ValueError(f"--ref gives {len(paths)} maps for {config.n_classes} classes")
