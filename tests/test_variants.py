@@ -544,6 +544,44 @@ def test_continue_from_a_previous_runs_data_star_with_local_search(tmp_path):
                        R2, atol=1e-8)
 
 
+def test_output_table_keeps_the_inputs_general_and_optics_blocks(tmp_path):
+    """A RELION-style input (``data_general``, ``data_optics``, ``data_particles``): the run's
+    ``_data.star`` has the same blocks in the same order, the other blocks unchanged, the
+    particle block with mltomo's columns; ``starfile`` parses it as RELION's own, and it reads
+    back as a particle table (voxel size from the optics block)."""
+    import starfile
+
+    from mltomo.io import read_star, write_star
+    from mltomo.particles import read_particles
+
+    rng = np.random.default_rng(4)
+    truth = blobs(N_BOX, rng)
+    data = tmp_path / "data"
+    names = _write_particles(data, [truth + rng.normal(scale=0.3, size=truth.shape) for _ in range(4)])
+    general = {"rlnTomoSubTomosAre2DStacks": 0}
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [VOXEL], "rlnVoltage": [300.0]})
+    parts = pd.DataFrame({"rlnImageName": names, "rlnOpticsGroup": [1] * 4, "rlnTomoName": ["TS_01"] * 4})
+    write_star(data / "particles.star", {"general": general, "optics": optics, "particles": parts})
+    before = (data / "particles.star").read_bytes()
+    _cli(data / "particles.star", "--out", tmp_path / "run", "--classes", "1", "--iter", "1",
+         "--angular-sampling", "45", "--max-shift", "0")
+    out = tmp_path / "run" / "run_it001_data.star"
+    blocks = read_star(out)
+    assert list(blocks) == ["general", "optics", "particles"]
+    assert {k: int(v) for k, v in blocks["general"].items()} == general
+    pd.testing.assert_frame_equal(blocks["optics"], optics, check_dtype=False)
+    table = blocks["particles"]
+    assert list(table["rlnImageName"]) == names and list(table["rlnTomoName"]) == ["TS_01"] * 4
+    assert {"rlnAngleRot", "rlnOriginXAngst", "rlnClassNumber", "rlnLogLikeliContribution"} <= set(table.columns)
+    theirs = starfile.read(out, always_dict=True)
+    assert list(theirs) == ["general", "optics", "particles"] and len(theirs["particles"]) == 4
+    again = read_particles(out)
+    assert again.voxel_size_angstrom == VOXEL and again.prior_angles.shape == (4, 3)
+    assert [n for n, b in again.star_blocks] == ["general", "optics", "particles"]
+    assert (data / "particles.star").read_bytes() == before  # the input is untouched
+
+
 # ----------------------------------------------------------------------------------- 7. help
 
 

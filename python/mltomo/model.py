@@ -24,6 +24,9 @@ class Particles:
     indices: np.ndarray  # (N_local,) int64 rows of the table
     n_total: int  # rows in the whole table
     table: object = None  # the particle table (pandas DataFrame, all rows) as read
+    # the input file's other data blocks in file order, (name, block) pairs, with (name, None)
+    # where the particle table stood: data_general, data_optics... are written back unchanged
+    star_blocks: tuple = ()
     prior_angles: np.ndarray | None = None  # (N_local, 3) rot, tilt, psi in degrees
     prior_shifts_angstrom: np.ndarray | None = None  # (N_local, 3) x, y, z
     prior_classes: np.ndarray | None = None  # (N_local,) 1-based

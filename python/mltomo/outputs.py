@@ -89,7 +89,7 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
             cols[f"mltomoClassPosterior{k + 1}"] = results.class_posteriors[order, k]
     for k, v in cols.items():
         df[k] = v
-    write_star(f"{prefix}_data.star", {"particles": df}, float_format="%.10g")
+    write_star(f"{prefix}_data.star", data_blocks(particles, df), float_format="%.10g")
 
     general = {
         "rlnCurrentIteration": it,
@@ -121,6 +121,20 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         general["mltomoResolutionShell"] = int(model.shells.resolution_shell)
         blocks["model_shells"] = _shells_table(model, particles.box, voxel)
     write_star(f"{prefix}_model.star", blocks)
+
+
+def data_blocks(particles, table) -> dict:
+    """The blocks of a ``_data.star``: the input file's other blocks (``data_general``,
+    ``data_optics``, ...) unchanged and in their order, the particle block ``table`` where the
+    input's stood (named ``particles``, RELION's name)."""
+    blocks = {}
+    for name, block in particles.star_blocks or ((None, None),):
+        if block is None:
+            blocks["particles"] = table
+        elif name != "particles":
+            blocks[name] = block
+    blocks.setdefault("particles", table)
+    return blocks
 
 
 def _shells_table(model: Model, n: int, voxel: float):

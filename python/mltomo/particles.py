@@ -33,10 +33,12 @@ class ParticleTableError(ValueError):
     """A problem with the particle table or a file it names (one line, names the file)."""
 
 
-def _particle_block(blocks, path):
-    tables = [b for b in blocks.values() if hasattr(b, "columns") and "rlnImageName" in b.columns]
-    if "particles" in blocks and any(b is blocks["particles"] for b in tables):
-        return blocks["particles"]
+def _particle_block(blocks, path) -> str:
+    """The name of the particle table: ``particles`` if it is one, else the first ``loop_``
+    with an ``rlnImageName`` column."""
+    tables = [name for name, b in blocks.items() if hasattr(b, "columns") and "rlnImageName" in b.columns]
+    if "particles" in tables:
+        return "particles"
     if tables:
         return tables[0]
     raise ParticleTableError(f"{path}: no loop_ table with an rlnImageName column")
@@ -66,7 +68,7 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
     priors. A bad table or particle is one error line (``ParticleTableError``) on every rank."""
     comm = comm or SerialComm()
     path = Path(star_path)
-    blocks, df = _read_table(path, comm)
+    blocks, df, table_name = _read_table(path, comm)
     star_dir = image_dir(path)
     optics = blocks.get("optics")
     voxel = None
@@ -115,18 +117,25 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
         indices=np.arange(a, b),
         n_total=N,
         table=df,
+        star_blocks=_other_blocks(blocks, table_name),
         prior_angles=cols(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")),
         prior_shifts_angstrom=cols(("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst")),
         prior_classes=prior_classes,
     )
 
 
+def _other_blocks(blocks: dict, table_name: str) -> tuple:
+    """``(name, block)`` of every block of the file but the particle table, in file order, and
+    ``(name, None)`` where the table stood (see :attr:`mltomo.model.Particles.star_blocks`)."""
+    return tuple((name, None if name == table_name else block) for name, block in blocks.items())
+
+
 def _read_table(path: Path, comm):
-    """``(blocks, particle table)`` of the STAR file, or one error line on every rank."""
+    """``(blocks, particle table, its block name)`` of the STAR file, or one error line on every rank."""
     from mltomo.io.star import read_star
 
     error = None
-    blocks = df = None
+    blocks = df = table_name = None
     try:
         if not path.is_file():
             raise ParticleTableError(f"{path}: no such file")
@@ -134,13 +143,14 @@ def _read_table(path: Path, comm):
             blocks = read_star(path)
         except ValueError as exc:
             raise ParticleTableError(str(exc)) from exc
-        df = _particle_block(blocks, path).reset_index(drop=True)
+        table_name = _particle_block(blocks, path)
+        df = blocks[table_name].reset_index(drop=True)
         if len(df) == 0:
             raise ParticleTableError(f"{path}: the particle table is empty")
     except (ParticleTableError, OSError) as exc:
         error = str(exc)
     comm.check(error)
-    return blocks, df
+    return blocks, df, table_name
 
 
 def _read_block(df, a, b, star_dir, missing, weight_threshold, tomo_regions, voxel, comm):
