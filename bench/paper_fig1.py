@@ -1,7 +1,7 @@
 """Figure 1 of Scheres et al. (2009), rerun: the model calculations on simulated GroEL14 and
 GroEL14-GroES7 subtomograms, panels A-F.
 
-    python bench/paper_fig1.py --quick          # under 30 minutes on 2 cores
+    python bench/paper_fig1.py --quick          # about 1 h on 2 cores (22 min with --scheme paper)
     python bench/paper_fig1.py                  # the paper's protocol (about 2 days on 2 cores)
     python bench/paper_fig1.py --panels A,F --snrs 0.005,0.01 --seeds 3 --out my_fig1
     python bench/paper_fig1.py --quick --plot-only   # redraw from runs.json
@@ -88,8 +88,8 @@ class Protocol:
 PROTOCOLS = {
     # The paper's: 15° sampling, 40 iterations, the whole 32³ box, 5 runs per point.
     "full": Protocol(),
-    # Under 30 minutes on 2 cores: 30° sampling, 16 iterations, 3 SNRs, 3 seeds, and the E-step
-    # on the Fourier components to 35 Å (what a 30° grid can align: 15° off at GroEL's 70 Å
+    # About 1 h on 2 cores (22 min with the paper's scheme): 30° sampling, 16 iterations, 3 SNRs,
+    # 3 seeds, and the E-step on the Fourier components to 35 Å (what a 30° grid can align: 15° off at GroEL's 70 Å
     # radius is 18 Å; an 18³ working box, shifts in steps of 16/9 voxel up to ±3.6 voxels). The
     # SNRs are about 3x the paper's: see the README for why our threshold sits there.
     "quick": Protocol(sampling=30.0, iterations=16, max_resolution=35.0, search_max_shift=4.0,
@@ -374,7 +374,7 @@ def plot(runs: list[dict], p: Protocol, path: Path, title: str) -> None:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--quick", action="store_true", help="the quick protocol (< 30 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="the quick protocol (about 1 h on 2 cores)")
     ap.add_argument("--panels", default="A,B,C,D,E,F", help="which panels (default A,B,C,D,E,F)")
     ap.add_argument("--out", help="output directory (default bench/out/paper_fig1[_quick])")
     ap.add_argument("--data-dir", help="folder with models/1oel.pdb.gz and models/1aon.pdb.gz (default ../shared/data)")
