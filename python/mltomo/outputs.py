@@ -128,12 +128,12 @@ def data_blocks(particles, table) -> dict:
     ``data_optics``, ...) unchanged and in their order, the particle block ``table`` where the
     input's stood (named ``particles``, RELION's name)."""
     blocks = {}
-    for name, block in particles.star_blocks or ((None, None),):
+    for name, block in particles.star_blocks:
         if block is None:
             blocks["particles"] = table
         elif name != "particles":
             blocks[name] = block
-    blocks.setdefault("particles", table)
+    blocks.setdefault("particles", table)  # arrays in memory: no input file
     return blocks
 
 
