@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import keyword
 import logging
 import sys
 
-SUBCOMMANDS = ("simulate", "refine", "demo", "report")
+SUBCOMMANDS = ("simulate", "refine", "demo", "report", "import")
 
 
 class UserError(Exception):
@@ -19,10 +20,11 @@ class UserError(Exception):
 
 
 def _load(name):
+    module = f"mltomo.cli.{name}_" if keyword.iskeyword(name) else f"mltomo.cli.{name}"  # import -> import_
     try:
-        return importlib.import_module(f"mltomo.cli.{name}")
+        return importlib.import_module(module)
     except ModuleNotFoundError as exc:  # a subcommand not written yet
-        if exc.name == f"mltomo.cli.{name}":
+        if exc.name == module:
             return None
         raise
 
