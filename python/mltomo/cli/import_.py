@@ -93,8 +93,10 @@ def _check(args):
     src, out = Path(args.input), Path(args.out)
     if out.suffix.lower() != ".star":
         raise UserError(f"-o {out}: the output must be a .star file")
-    if out.exists() and (out.is_dir() or not args.overwrite):
-        raise UserError(f"-o {out}: " + ("is a directory" if out.is_dir() else "exists (use --overwrite to replace it)"))
+    if out.is_dir():
+        raise UserError(f"-o {out}: is a directory")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"-o {out}: exists (use --overwrite to replace it)")
     if not out.resolve().parent.is_dir():
         raise UserError(f"-o {out}: directory {out.parent} does not exist")
     if src.exists() and out.exists() and src.resolve() == out.resolve():
@@ -135,8 +137,14 @@ def _blocks(df, voxel):
 
 def run(args) -> int:
     from mltomo.io.star import write_star
-    from mltomo.io.tables import TableFormatError, default_images, detect_format, format_names, read_table
-    from mltomo.io.tables import to_dataframe
+    from mltomo.io.tables import (
+        TableFormatError,
+        default_images,
+        detect_format,
+        format_names,
+        read_table,
+        to_dataframe,
+    )
 
     _check(args)
     tomo_names = _tomo_names(args.tomo_names)

@@ -91,7 +91,8 @@ def detect_format(path) -> str:
     ext = path.suffix.lower()
     if ext in (".tbl", ".em", ".xml"):
         return {".tbl": "dynamo", ".em": "motl", ".xml": "pytom"}[ext]
-    head = path.open("rb").read(4096)
+    with path.open("rb") as f:
+        head = f.read(4096)
     if ext == ".star" or b"data_" in head:
         from mltomo.io.tables.motl import is_stopgap_star
 

@@ -50,7 +50,8 @@ def _parse(path, text: str) -> np.ndarray:
             rows.append([float(f) for f in fields[:MIN_COLUMNS]])
         except ValueError:
             bad = next(i for i, f in enumerate(fields[:MIN_COLUMNS]) if not _is_number(f))
-            raise TableFormatError(f"{path}: line {lineno}, column {bad + 1}: {fields[bad]!r} is not a number") from None
+            raise TableFormatError(f"{path}: line {lineno}, column {bad + 1}: {fields[bad]!r} "
+                                   "is not a number") from None
     if not rows:
         raise TableFormatError(f"{path}: no particles (an empty Dynamo table)")
     return np.asarray(rows, dtype=np.float64)  # (N, 26)
