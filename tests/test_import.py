@@ -394,3 +394,18 @@ def test_no_voxel_size_with_shifts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--voxel-size" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", sorted(EXT))
+def test_format_from_content_and_override(tmp_path, capsys, fmt):
+    """Without a telling extension the content decides; a wrong --format is a clean error."""
+    poses = _random_poses(n=3)
+    write_table(tmp_path / f"t.{EXT[fmt]}", fmt, poses)
+    bare = tmp_path / "table.txt"
+    bare.write_bytes((tmp_path / f"t.{EXT[fmt]}").read_bytes())
+    code, out = _import(tmp_path, bare, "--voxel-size", VOXEL)
+    assert code == 0
+    A, _, _ = _poses_of(out)
+    assert geodesic_distance_deg(A, poses.matrices).max() < 1e-3
+    wrong = {"dynamo": "pytom", "motl": "dynamo", "stopgap": "motl", "pytom": "stopgap"}[fmt]
+    _fails(tmp_path, capsys, bare, "--format", wrong, expect=("table.txt",))
