@@ -268,7 +268,8 @@ def test_weight_volume_observing_nothing_at_working_resolution(data, capsys):
     k = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
     write_volume(data / "ctf_high.mrc", (k > 3).astype(np.float32), VOXEL)  # only beyond |k| = 3
     write_star(data / "high.star", {"particles": _table(names, rlnCtfImage=["ctf_high.mrc"] * N)})
-    _refine_fails(capsys, data, [data / "high.star", "--max-resolution", str(BOX * VOXEL / 2)],
+    _refine_fails(capsys, data, [data / "high.star", "--max-resolution", str(BOX * VOXEL / 2),
+                                 "--weight-layout", "centred"],
                   "ctf_high.mrc", "working resolution")
 
 

@@ -439,7 +439,7 @@ def _write_particles(folder, vols):
 
 
 def test_per_particle_missing_regions_and_priors_from_the_table(tmp_path):
-    """``rlnCtfImage`` weight volumes (two files, read with the weight threshold), the
+    """``rlnCtfImage`` weight volumes (two files, read as binary masks with a weight threshold), the
     ``mltomoMissingRegion`` column, the region of a particle's ``rlnTomoName`` in a
     ``data_tomograms`` block, and ``--missing`` for the rest, in that order of precedence;
     priors from rlnAngle*/rlnOrigin*Angst/rlnClassNumber. (Dropping any of those columns or
@@ -474,7 +474,8 @@ def test_per_particle_missing_regions_and_priors_from_the_table(tmp_path):
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [VOXEL]})
     write_star(tmp_path / "particles.star", {"optics": optics, "particles": table, "tomograms": tomos})
 
-    p = read_particles(tmp_path / "particles.star", missing="wedge_y:-60:60")
+    p = read_particles(tmp_path / "particles.star", missing="wedge_y:-60:60", weight_threshold=0.5,
+                       weight_layout="centred")
     expected = [weight_volume_mask(w1), weight_volume_mask(w1), weight_volume_mask(w2),
                 missing_region_mask("wedge_x:-45:45", n), missing_region_mask("wedge_y:-50:70", n),
                 missing_region_mask("cone:30", n), missing_region_mask("pyramid:-60:60:-50:50", n),
@@ -488,7 +489,8 @@ def test_per_particle_missing_regions_and_priors_from_the_table(tmp_path):
     assert np.allclose(p.prior_shifts_angstrom, origins, atol=1e-6)
     assert np.array_equal(p.prior_classes, [1, 2, 1, 2, 1, 2, 1, 2])
     # The weight threshold: 0.2 also keeps the 0.3 band of w1.
-    q = read_particles(tmp_path / "particles.star", missing="wedge_y:-60:60", weight_threshold=0.2)
+    q = read_particles(tmp_path / "particles.star", missing="wedge_y:-60:60", weight_threshold=0.2,
+                       weight_layout="centred")
     assert q.masks[q.groups[0]].sum() > p.masks[p.groups[0]].sum()
     assert np.array_equal(q.masks[q.groups[0]], weight_volume_mask(w1, 0.2))
     assert np.array_equal(q.masks[q.groups[2]], p.masks[p.groups[2]])
@@ -611,7 +613,9 @@ def test_refine_help_states_every_default():
         "--angular-range": "default: exhaustive search; paper: 50 with 10 deg sampling",
         "--no-perturb": "default: re-oriented", "--no-rotate": "default: off", "--no-align": "default: off",
         "--max-shift": "default min(n/4, ceil(3 xi0))", "--xi0": "default 2", "--missing": "(default none)",
-        "--weight-threshold": "default half the max", "--mask": "default: none",
+        "--weight-threshold": "default: continuous CTF² weights",
+        "--weight-layout": "default auto", "--noise": "default white", "--no-scale-correction": "default: both",
+        "--mask": "default: none",
         "--particle-diameter": "default: none", "--max-resolution": "default: full box", "--padding": "default 2",
         "--initial-lowpass": "default: none for --ref maps, 8 voxels", "--eps": "default 1e-5",
         "--seed": "default 0", "--threads": "default: all cores",

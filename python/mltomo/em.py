@@ -33,11 +33,19 @@ import numpy as np
 
 from mltomo import geometry
 from mltomo.estep import estep
-from mltomo.initial import estep_seeded, initial_references, initial_sigma2, seed_classes, uses_prior_classes
+from mltomo.initial import (
+    estep_seeded,
+    initial_references,
+    initial_sigma2,
+    reference_scale,
+    seed_classes,
+    uses_prior_classes,
+)
 from mltomo.model import Config, IterationStats, Model, ParticleResults, RefineResult, Sums
 from mltomo.mstep import MStepInputs, mstep
+from mltomo.noise import NoiseModel, estimate, map_shell_sums, scale_full_weights, warn_if_flat
 from mltomo.parallel import SerialComm
-from mltomo.reference import Constraints, crop_padded, lowpass, padded_transform, soft_sphere
+from mltomo.reference import Constraints, lowpass, reference_transforms, soft_sphere
 from mltomo.sampling import Sampling, same_rotations_every_iteration, search_space
 from mltomo.split import one_class, pca_split, replicate
 from mltomo.ssnr import effective_components, half_sets, self_fit_offsets
@@ -54,6 +62,8 @@ def check_inputs(particles, config: Config, comm=None, *, focus=None) -> None:
     comm = comm or SerialComm()
     if config.mode not in ("ml", "ml-wa", "cc"):
         raise ValueError(f"unknown mode {config.mode!r}: use ml, ml-wa or cc")
+    if config.noise not in ("white", "shell"):
+        raise ValueError(f"unknown noise model {config.noise!r}: use white or shell")
     if config.scheme not in ("adaptive", "paper"):
         raise ValueError(f"unknown scheme {config.scheme!r}: use adaptive or paper")
     geometry.symmetry_group(config.sym)
@@ -98,6 +108,11 @@ def _start(particles, config: Config, sampling: Sampling, constraints: Constrain
             r = n * voxel / config.initial_lowpass_angstrom
             refs_now = np.stack([lowpass(a, r) for a in refs_now])
     refs_now = constraints.apply(refs_now)
+    if refs is not None and config.scale_correction:
+        s = reference_scale(refs_now, particles, spectra_w, masks_w, sampling, config, comm)
+        if comm.rank == 0:
+            log.info(f"initial references scaled by {s:.4g} to the particles' intensities")
+        refs_now = refs_now * s
     if config.fix_sigma:
         sigma2 = config.fix_sigma**2
     else:
@@ -108,10 +123,7 @@ def _start(particles, config: Config, sampling: Sampling, constraints: Constrain
 
 def _reference_transforms(model: Model, sampling: Sampling, config: Config) -> np.ndarray:
     """``(K, P_w, P_w, P_w//2+1)`` complex64 padded transforms of the references."""
-    Fref = np.stack([
-        crop_padded(padded_transform(a, sampling.pad, gridding=config.gridding), sampling.P_w) for a in model.refs
-    ])
-    return np.ascontiguousarray(Fref, dtype=np.complex64)
+    return reference_transforms(model.refs, sampling.pad, sampling.P_w, config.gridding)
 
 
 def _estep_iteration(model, sampling, config, data_w, masks_w, groups, rotations, rot_mask, seeds, bar,
@@ -211,6 +223,10 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     self_fit = adaptive and config.mode != "cc" and same_rotations_every_iteration(config)
     tied_until, seeds, seed_it = _schedule(particles, config, refs, start_model, start_results, comm)
     halves = half_sets(config.seed, N)[np.asarray(particles.indices)] if adaptive else None
+    noise = model.noise if model.noise is not None else NoiseModel.white(len(masks_w), particles.box)
+    group_counts = np.bincount(particles.groups, minlength=len(masks_w)).astype(np.float64)
+    comm.allreduce_sum([group_counts])
+    flat_checked = False
     history = []
     results = start_results
     for it in range(model.iteration + 1, config.iterations + 1):
@@ -225,12 +241,17 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         if self_fit and not (tied or seeded) and results is not None:
             offsets = _self_fit_offsets(model, results, particles, masks_w, sampling, N)
         sums, half_sums, scores, counters = _estep_iteration(
-            work, sampling, config, data_w, masks_w, particles.groups, rotations, rot_mask,
-            seeds if seeded else None, bar, halves=halves, offsets=offsets)
+            work, sampling, config, noise.data(data_w, particles.groups), noise.masks(masks_w, sampling.n_w),
+            particles.groups, rotations, rot_mask, seeds if seeded else None, bar, halves=halves, offsets=offsets)
         if bar:
             bar.close()
         t_e = time.perf_counter()
         sums, counts = _reduce(sums, half_sums, counters, comm)
+        for s in [sums] + (half_sums or []):
+            s.Mfull = scale_full_weights(s.Mfull, noise, group_counts, sampling.pad)
+        if not flat_checked:
+            flat_checked = True
+            warn_if_flat(scores, comm, counts[0] / max(N, 1), it)
         split_seeded = seeded and tied_until > 0
         if split_seeded and scores.class_log_sum is not None:  # equal references: the same sum for every class
             scores.class_log_sum[:] = np.max(scores.class_log_sum, axis=1, keepdims=True)
@@ -246,8 +267,11 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         if not tied and config.mode != "cc":
             posteriors = _class_posteriors(scores, work, offsets, seeds if seeded else None)
         results = _particle_results(particles, scores, rotations, sampling, ll_i, pre_shift, posteriors)
+        noise = _next_noise(noise, work, results, particles, spectra_w, masks_w, sampling, config, group_counts, comm)
+        model = replace(model, noise=noise)
         if it == tied_until:  # the first split: the next E-step keeps every particle in its part
-            seeds, model, results = _first_split(model, results, particles, spectra_w, masks_w, sampling, config, comm)
+            seeds, model, results = _first_split(model, results, particles, noise.data(spectra_w, particles.groups),
+                                                 noise.masks(masks_w, sampling.n_w), sampling, config, comm)
             seed_it = it + 1
         t_m = time.perf_counter()
         stats = IterationStats(
@@ -304,6 +328,21 @@ def _first_split(model: Model, results: ParticleResults, particles, spectra_w, m
     model = replace(model, alpha=W / N, class_weights=W)
     results = replace(results, classes=seeds + 1, class_posteriors=np.eye(K)[seeds])
     return seeds, model, results
+
+
+def _next_noise(noise: NoiseModel, work: Model, results, particles, spectra_w, masks_w, sampling: Sampling,
+                config: Config, group_counts, comm) -> NoiseModel:
+    """The scale and noise shape for the next E-step (:mod:`mltomo.noise`), estimated at the
+    most probable poses of this one; the same model when neither is estimated (collective)."""
+    coloured = config.noise == "shell"
+    scale = config.scale_correction and len(masks_w) > 1
+    if not (coloured or scale):
+        return noise
+    Fref = _reference_transforms(work, sampling, config)
+    sums = list(map_shell_sums(spectra_w, masks_w, particles.groups, results, Fref, sampling,
+                               particles.voxel_size_angstrom))
+    comm.allreduce_sum(sums)
+    return estimate(sums, noise, group_counts, coloured=coloured, scale=scale)
 
 
 def _tied_iterations(config: Config) -> int:

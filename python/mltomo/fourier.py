@@ -526,43 +526,103 @@ def missing_region_mask(region: MissingRegion | str, n: int) -> np.ndarray:
     return _symmetrise_min(mask)
 
 
-def weight_volume_mask(
-    weights: np.ndarray, threshold: float | None = None, layout: str | None = None
-) -> np.ndarray:
-    """Observed mask from a per-particle Fourier weight volume (RELION 3 ``rlnCtfImage``).
+WEIGHT_LAYOUTS = ("centred", "origin", "half")
 
-    ``weights``: real array of an ``n³`` box, either
 
-    * ``layout="half"``: shape ``(n, n, n//2+1)``, the half-spectrum layout of
-      :func:`rfft_unitary` (origin at index 0, RELION's FFTW-sized CTF volume), or
-    * ``layout="full"``: shape ``(n, n, n)``, centred: index ``n//2 + k`` holds frequency
-      ``k`` (RELION's full-size CTF volume; RELION reads it at ``-k``, identical for the
-      centrosymmetric weights that physical CTF volumes are).
+def weight_volume_half(weights: np.ndarray, layout: str) -> np.ndarray:
+    """A weight volume of an ``n³`` box in the half-spectrum layout ``(n, n, n//2+1)`` (float64).
 
-    ``layout=None`` picks ``"full"`` when the last axis has length ``n``, else ``"half"``.
-    A component is observed where its weight exceeds ``threshold`` (default half the
-    volume's maximum). Returns float32 ``(n, n, n//2+1)`` 0/1, made centrosymmetric (both
-    ``k`` and ``-k`` must pass), DC observed.
+    ``layout``: ``"centred"``, shape ``(n, n, n)``, index ``n//2 + k`` holds frequency ``k``
+    (RELION's full-size CTF volume; RELION reads it at ``-k``, identical for the
+    centrosymmetric weights physical CTF volumes are); ``"origin"``, shape ``(n, n, n)``,
+    frequency ``k`` at index ``k mod n`` (STOPGAP, cryoCAT, TOM); ``"half"``, shape
+    ``(n, n, n//2+1)``, origin at index 0 (RELION's FFTW-sized volume, :func:`rfft_unitary`).
     """
     w = np.asarray(weights)
     if w.ndim != 3 or w.shape[0] != w.shape[1] or np.iscomplexobj(w):
         raise ValueError(f"weights must be a real (n, n, n) or (n, n, n//2+1) array, got {w.shape}")
     n = w.shape[0]
-    if layout is None:
-        layout = "full" if w.shape[2] == n else "half"
-    if layout == "full":
+    if layout in ("centred", "origin"):
         if w.shape[2] != n:
-            raise ValueError(f"full-layout weights must have shape ({n}, {n}, {n}), got {w.shape}")
-        w = np.fft.ifftshift(w)[:, :, : n // 2 + 1]
-    elif layout == "half":
+            raise ValueError(f"{layout} weights must have shape ({n}, {n}, {n}), got {w.shape}")
+        w = np.fft.ifftshift(w) if layout == "centred" else w
+        return np.ascontiguousarray(w[:, :, : n // 2 + 1], dtype=np.float64)
+    if layout == "half":
         _check_half(w, n, name="weights")
-    else:
-        raise ValueError(f"layout must be 'half', 'full' or None, got {layout!r}")
+        return w.astype(np.float64)
+    raise ValueError(f"weight layout must be one of {', '.join(WEIGHT_LAYOUTS)}, got {layout!r}")
+
+
+def detect_weight_layout(weights: np.ndarray, spectrum: np.ndarray, margin: float = 0.1) -> str:
+    """The layout of a full ``(n, n, n)`` weight volume, read off a particle that uses it: the
+    layout whose weights correlate best with the particle's log power ``log|X(k)|²`` (a missing
+    region and CTF zeros leave their mark in the data), by at least ``margin``; a half-size
+    volume is ``"half"``. Raises ``ValueError`` when neither layout is clearly better."""
+    w = np.asarray(weights)
+    n = w.shape[0]
+    if w.ndim == 3 and w.shape[2] == n // 2 + 1 and n > 2:
+        return "half"
+    power = np.log(np.abs(np.asarray(spectrum)) ** 2 + 1e-30 + 1e-12 * float(np.max(np.abs(spectrum)) ** 2))
+    halves = {layout: weight_volume_half(w, layout) for layout in ("centred", "origin")}
+    if np.allclose(halves["centred"], halves["origin"]):
+        return "centred"  # the same either way (e.g. constant)
+    hw = half_weights(n).astype(np.float64)
+    hw[0, 0, 0] = 0.0  # the DC component says nothing about the layout
+    score = {}
+    for layout, h in halves.items():
+        mw, mp = np.average(h, weights=hw), np.average(power, weights=hw)
+        cov = np.average((h - mw) * (power - mp), weights=hw)
+        var = np.average((h - mw) ** 2, weights=hw) * np.average((power - mp) ** 2, weights=hw)
+        score[layout] = float(cov / np.sqrt(var)) if var > 0 else 0.0
+    best, other = sorted(score, key=score.get, reverse=True)
+    if score[best] - score[other] < margin:
+        raise ValueError(f"cannot tell whether the weights are centred or have their origin at index 0 "
+                         f"(correlation with the particle's power {score['centred']:.2f} vs {score['origin']:.2f}): "
+                         f"give --weight-layout centred or origin")
+    return best
+
+
+def ctf_weights(ctf_half: np.ndarray, threshold: float | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """``(divisor, w)`` of a CTF weight volume ``c`` (half layout): RELION 3's ``rlnCtfImage``
+    multiplies the reference, ``X = c·A + n``, so ``Σ|X − c A|² = Σ c² |X/c − A|²``: the particle
+    is divided by ``divisor = c`` (where ``|c|`` exceeds 1e-3 of its maximum; 0 elsewhere) and
+    weighted by the continuous ``w = c² / max c²`` (the scale goes into σ²). With ``threshold``
+    the old binary mask instead: observed where ``c > threshold``, no division (``divisor``
+    None). Both are made centrosymmetric, DC observed."""
+    c = np.asarray(ctf_half, dtype=np.float64)
+    if threshold is not None:
+        mask = (c > threshold).astype(np.float32)
+        mask[0, 0, 0] = 1.0
+        return None, _symmetrise_min(mask)
+    cmax = float(np.max(np.abs(c)))
+    if not cmax > 0:
+        raise ValueError("weight volume is zero everywhere: no observed Fourier components")
+    keep = np.abs(c) > 1e-3 * cmax
+    w = np.where(keep, (c / cmax) ** 2, 0.0).astype(np.float32)
+    w = _symmetrise_min(w)
+    divisor = np.where(w > 0, c, 0.0)
+    if divisor[0, 0, 0] == 0:  # the DC counts as observed (SPEC §1)
+        divisor[0, 0, 0], w[0, 0, 0] = cmax, 1.0
+    return divisor, w
+
+
+def weight_volume_mask(
+    weights: np.ndarray, threshold: float | None = None, layout: str | None = None
+) -> np.ndarray:
+    """Binary observed mask from a weight volume: observed where the weight exceeds
+    ``threshold`` (default half the volume's maximum), centrosymmetric, DC observed.
+    ``layout`` as :func:`weight_volume_half` (``"full"`` is ``"centred"``; None: ``"centred"``
+    when the last axis has length ``n``, else ``"half"``). Returns float32 ``(n, n, n//2+1)``."""
+    w = np.asarray(weights)
+    if w.ndim != 3 or w.shape[0] != w.shape[1] or np.iscomplexobj(w):
+        raise ValueError(f"weights must be a real (n, n, n) or (n, n, n//2+1) array, got {w.shape}")
+    n = w.shape[0]
+    if layout is None:
+        layout = "centred" if w.shape[2] == n else "half"
+    h = weight_volume_half(w, "centred" if layout == "full" else layout)
     if threshold is None:
-        threshold = 0.5 * float(np.max(w))
-    mask = (w > threshold).astype(np.float32)
-    mask[0, 0, 0] = 1.0
-    return _symmetrise_min(mask)
+        threshold = 0.5 * float(np.max(h))
+    return ctf_weights(h, threshold)[1]
 
 
 def observed_fraction(mask: np.ndarray, radius: float | None = None) -> float:

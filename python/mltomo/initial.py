@@ -145,3 +145,36 @@ def estep_seeded(seeds, Fref, sampling: Sampling, data_w, masks_w, groups, rotat
         scores.best_class[idx] = k
         counters = c if counters is None else {key: counters[key] + c[key] for key in c}
     return sums, scores, counters
+
+
+def reference_scale(refs, particles, spectra_w, masks_w, sampling: Sampling, config: Config, comm) -> float:
+    """The least-squares scale ``s = Σ a / Σ b`` (:mod:`mltomo.noise`) that brings given
+    references to the particles' intensities, at each particle's best pose by constrained
+    cross-correlation (which no scale changes), over the first iteration's search. 1 when the
+    fit is undefined (no particle, or no positive correlation)."""
+    from types import SimpleNamespace
+
+    from mltomo.noise import map_shell_sums
+    from mltomo.reference import reference_transforms
+    from mltomo.sampling import search_space
+
+    voxel = particles.voxel_size_angstrom
+    rotations, rot_mask, pre_shift = search_space(config, 1, geometry.symmetry_group(config.sym), particles, None)
+    data_w = spectra_w if pre_shift is None else sampling.apply_shifts(spectra_w, pre_shift)
+    Fref = reference_transforms(refs, sampling.pad, sampling.P_w, config.gridding)
+    K = len(refs)
+    _, scores, _ = estep(Fref, sampling.pad, data_w, masks_w, particles.groups, sampling.radius, rotations,
+                         sampling.shifts, sampling.log_prior_shift(config.xi0_voxels**2), np.full(K, -np.log(K)),
+                         1.0, rot_mask=rot_mask, mode="cc", nthreads=config.threads,
+                         memory_budget_bytes=config.memory_budget_bytes)
+    t = sampling.shifts[np.clip(scores.best_shift, 0, None)].astype(np.float64) * sampling.scale
+    if pre_shift is not None:
+        t = t + pre_shift
+    R = rotations[np.clip(scores.best_rot, 0, None)]
+    poses = SimpleNamespace(classes=scores.best_class.astype(np.int64) + 1,
+                            angles=np.stack(geometry.matrix_to_euler(R), 1).reshape(-1, 3),
+                            shifts_angstrom=t * voxel)
+    a, b, _, _ = map_shell_sums(spectra_w, masks_w, particles.groups, poses, Fref, sampling, voxel)
+    total = np.array([a.sum(), b.sum()])
+    comm.allreduce_sum([total])
+    return float(total[0] / total[1]) if total[0] > 0 and total[1] > 0 else 1.0

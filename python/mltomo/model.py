@@ -55,7 +55,10 @@ class Config:
     max_shift_voxels: float | None = None  # default min(n/4, ceil(3 ξ0))
     xi0_voxels: float = 2.0
     missing: str = "none"  # default region for particles the table gives none
-    weight_threshold: float | None = None
+    weight_threshold: float | None = None  # binarise weight volumes at this value (None: continuous weights)
+    weight_layout: str = "auto"  # weight volumes: "auto", "centred", "origin" (full n³) or "half"
+    noise: str = "white"  # "white" (σ², the paper's) or "shell" (σ²(shell) per mask group: mltomo.noise)
+    scale_correction: bool = True  # per-group intensity scale, and a given --ref brought to the data's scale
     impute_iter: int = 1
     wa_threshold: float = 0.1
     reg0: float = 5.0
@@ -95,6 +98,7 @@ class Model:
     changes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (K,) ‖ΔA‖²/‖A‖²
     class_weights: np.ndarray | None = None  # (K,) W_k of the sums that made refs (None: α·N)
     shells: object = None  # mltomo.ssnr.ShellStats of the adaptive scheme's last M-step, or None
+    noise: object = None  # mltomo.noise.NoiseModel the next E-step uses (None: white, scale 1)
 
     def weights(self, n_particles: int) -> np.ndarray:
         """``(K,)`` W_k, the summed class posteriors behind the references."""

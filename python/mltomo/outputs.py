@@ -120,7 +120,46 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         general["rlnCurrentResolution"] = repr(model.shells.resolution_angstrom(particles.box, voxel))
         general["mltomoResolutionShell"] = int(model.shells.resolution_shell)
         blocks["model_shells"] = _shells_table(model, particles.box, voxel)
+    if model.noise is not None:
+        blocks["model_groups"], blocks["model_noise"] = _noise_tables(model, particles, voxel)
     write_star(f"{prefix}_model.star", blocks)
+
+
+def _noise_tables(model: Model, particles, voxel: float):
+    """``model_groups`` (each mask group's region and intensity scale, RELION's
+    ``rlnGroupScaleCorrection``) and ``model_noise`` (σ²(shell) per group: ``rlnSigma2Noise``,
+    per real degree of freedom, with the shape ``c_g`` the E-step divides the weights by)."""
+    import pandas as pd
+
+    noise = model.noise
+    G, S = noise.shape.shape
+    groups = pd.DataFrame({
+        "rlnGroupNumber": np.arange(1, G + 1),
+        "mltomoRegion": [str(r) for r in particles.region_labels],
+        "rlnGroupScaleCorrection": [repr(float(x)) for x in noise.scale],
+    })
+    sig = noise.sigma2_shells(model.sigma2)
+    s = np.tile(np.arange(S), G)
+    n = particles.box
+    table = pd.DataFrame({
+        "rlnGroupNumber": np.repeat(np.arange(1, G + 1), S),
+        "rlnSpectralIndex": s,
+        "rlnResolution": [repr(float(x)) for x in s / (n * voxel)],
+        "rlnSigma2Noise": [repr(float(x)) for x in sig.ravel()],
+        "mltomoNoiseShape": [repr(float(x)) for x in noise.shape.ravel()],
+    })
+    return groups, table
+
+
+def _read_noise(blocks):
+    from mltomo.noise import NoiseModel
+
+    if "model_groups" not in blocks or "model_noise" not in blocks:
+        return None
+    g, t = blocks["model_groups"], blocks["model_noise"]
+    scale = g["rlnGroupScaleCorrection"].to_numpy(np.float64)
+    shape = t["mltomoNoiseShape"].to_numpy(np.float64).reshape(len(scale), -1)
+    return NoiseModel(scale=scale, shape=shape)
 
 
 def data_blocks(particles, table) -> dict:
@@ -208,6 +247,7 @@ def read_iteration(out_dir, it: int, particle_indices=None) -> tuple[Model, Part
         class_weights=(np.array([float(w) for w in cls["mltomoClassWeight"]])
                        if "mltomoClassWeight" in cls.columns else None),
         shells=_read_shells(blocks, gen),
+        noise=_read_noise(blocks),
     )
     df = read_star(f"{prefix}_data.star")["particles"]
     idx = np.arange(len(df)) if particle_indices is None else np.asarray(particle_indices)

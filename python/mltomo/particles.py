@@ -5,8 +5,11 @@ The table is a RELION-style STAR file. Columns used:
 * ``rlnImageName`` (required): an MRC/``.em`` volume, or ``n@stack.mrcs``, relative to the
   STAR file's directory (for a run's ``run_itNNN_data.star``: its input table's, see
   :func:`image_dir`);
-* the missing region of each particle, first found of: ``rlnCtfImage`` (a RELION 3 weight
-  volume; observed where the weight exceeds ``--weight-threshold``, default half its maximum),
+* the missing region of each particle, first found of: ``rlnCtfImage`` (a RELION 3 CTF
+  volume ``c``, which multiplies the reference: the particle is divided by ``c`` and weighted by
+  the continuous ``c²``, :func:`mltomo.fourier.ctf_weights`; with ``--weight-threshold`` a
+  binary mask instead; its layout, centred or origin at index 0, by ``--weight-layout``,
+  default detected from the particle's power spectrum),
   ``mltomoMissingRegion`` (text such as ``wedge_y:-60:60``), the region of the particle's
   ``rlnTomoName`` in a ``data_tomograms`` block (columns ``rlnTomoName``,
   ``mltomoMissingRegion``), else the command line's ``--missing``;
@@ -62,7 +65,7 @@ def image_dir(star_path) -> Path:
 
 
 def read_particles(star_path, *, missing: str = "none", weight_threshold: float | None = None,
-                   comm=None) -> Particles:
+                   weight_layout: str = "auto", comm=None) -> Particles:
     """This rank's block of the STAR table ``star_path``: spectra, missing-region masks (by
     ``--missing``, the table's ``mltomoMissingRegion``, a tomograms block or weight volumes),
     priors. A bad table or particle is one error line (``ParticleTableError``) on every rank."""
@@ -82,7 +85,7 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
     N = len(df)
     a, b = split_range(N, comm.rank, comm.size)
     spectra, labels, names, masks, box, header_voxel = _read_block(
-        df, a, b, star_dir, missing, weight_threshold, tomo_regions, voxel, comm)
+        df, a, b, star_dir, missing, (weight_threshold, weight_layout), tomo_regions, voxel, comm)
 
     # Every rank must agree on the box and voxel size.
     info = comm.gather((box, header_voxel))
@@ -153,15 +156,16 @@ def _read_table(path: Path, comm):
     return blocks, df, table_name
 
 
-def _read_block(df, a, b, star_dir, missing, weight_threshold, tomo_regions, voxel, comm):
+def _read_block(df, a, b, star_dir, missing, weighting, tomo_regions, voxel, comm):
     """This rank's rows ``a:b``: spectra, region labels, names, masks by label, box and the
-    first particle's header voxel size; a bad file is one error line on every rank."""
+    first particle's header voxel size; a bad file is one error line on every rank.
+    ``weighting``: ``(weight threshold, weight layout)`` of weight volumes."""
     from mltomo.fourier import parse_missing_region, rfft_unitary
     from mltomo.io import read_volume_any
 
     spectra = None  # (b - a, box, box, box//2+1) complex64, allocated with the first particle's box
     labels, names = [], []
-    masks = {}
+    masks, divisors = {}, {}
     box = None
     header_voxel = None
     error = None
@@ -187,10 +191,14 @@ def _read_block(df, a, b, star_dir, missing, weight_threshold, tomo_regions, vox
             if not np.all(np.isfinite(vol)):
                 raise ParticleTableError(f"{name}: contains NaN or infinite voxels")
             label = _region_label(row, df.columns, tomo_regions, missing)
+            spectrum = rfft_unitary(vol.astype(np.float32))
             if label not in masks:
-                masks[label] = _region_mask(label, name, box, star_dir, weight_threshold)
+                masks[label], divisors[label] = _region_mask(label, name, box, star_dir, weighting, spectrum)
+            if divisors[label] is not None:
+                d = divisors[label]
+                spectrum = np.where(d != 0, spectrum / np.where(d != 0, d, 1.0), 0).astype(np.complex64)
             labels.append(label)
-            spectra[i - a] = rfft_unitary(vol.astype(np.float32))
+            spectra[i - a] = spectrum
             names.append(name)
     except (ParticleTableError, OSError, ValueError) as exc:
         error = str(exc)
@@ -210,16 +218,19 @@ def _region_label(row, columns, tomo_regions: dict, missing: str) -> str:
     return missing
 
 
-def _region_mask(label: str, name: str, box: int, star_dir, weight_threshold) -> np.ndarray:
-    """``(box, box, box//2+1)`` mask of a region label (``name``: the first particle using it)."""
-    from mltomo.fourier import missing_region_mask, parse_missing_region, weight_volume_mask
+def _region_mask(label: str, name: str, box: int, star_dir, weighting, spectrum):
+    """``(mask (box, box, box//2+1), divisor or None)`` of a region label (``name``, ``spectrum``:
+    the first particle using it; ``weighting``: (threshold, layout) of weight volumes)."""
+    from mltomo.fourier import missing_region_mask, parse_missing_region
     from mltomo.io import read_volume_any
 
+    divisor = None
     if label.startswith("weights:"):
         wname = label[len("weights:"):]
         wvol, _ = read_volume_any(wname, star_dir)
+        threshold, layout = weighting
         try:
-            mask = weight_volume_mask(wvol, weight_threshold)
+            mask, divisor = _weights(wvol, box, spectrum, threshold, layout)
         except ValueError as exc:
             raise ParticleTableError(f"{wname}: {exc}") from exc
     else:
@@ -228,12 +239,29 @@ def _region_mask(label: str, name: str, box: int, star_dir, weight_threshold) ->
         except ValueError as exc:
             raise ParticleTableError(f"{name}: missing region {label!r}: {exc}") from exc
     source = label.removeprefix("weights:")
-    if mask.shape != (box, box, box // 2 + 1):
-        raise ParticleTableError(f"{source}: weight volume does not match the {box}³ particles")
     if mask.sum() <= 1:  # the origin alone (a geometric region keeps a plane)
         raise ParticleTableError(f"{source}: missing region of {name} leaves no observed Fourier "
                                  f"components besides the origin")
-    return mask
+    return mask, divisor
+
+
+def _weights(wvol, box: int, spectrum, threshold, layout):
+    """``(w, divisor)`` of a weight volume for ``box``³ particles (:func:`mltomo.fourier.ctf_weights`)."""
+    from mltomo.fourier import WEIGHT_LAYOUTS, ctf_weights, detect_weight_layout, weight_volume_half
+
+    if wvol.ndim != 3 or wvol.shape[:2] != (box, box) or wvol.shape[2] not in (box, box // 2 + 1):
+        raise ValueError(f"weight volume is {'×'.join(map(str, wvol.shape))}, the particles are {box}³ "
+                         f"(a weight volume must be {box}³, or {box}×{box}×{box // 2 + 1} for the half layout)")
+    half_shape = wvol.shape[2] == box // 2 + 1 and box > 2
+    if layout == "auto":
+        layout = detect_weight_layout(wvol, spectrum)
+    elif layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"--weight-layout {layout}: use auto, {', '.join(WEIGHT_LAYOUTS)}")
+    elif (layout == "half") != half_shape:
+        raise ValueError(f"weight volume is {'×'.join(map(str, wvol.shape))}, which --weight-layout {layout} "
+                         f"does not fit (use --weight-layout {'half' if half_shape else 'centred or origin'})")
+    divisor, w = ctf_weights(weight_volume_half(wvol, layout), threshold)
+    return w, divisor
 
 
 def particles_from_arrays(volumes, voxel_size_angstrom: float, missing="none", names=None,

@@ -115,6 +115,13 @@ def lowpass(vol: np.ndarray, radius: float) -> np.ndarray:
     return np.fft.irfftn(F, s=vol.shape, axes=(0, 1, 2))
 
 
+def reference_transforms(refs, pad: float, P_w: int, gridding: bool = True) -> np.ndarray:
+    """``(K, P_w, P_w, P_w//2+1)`` complex64 padded transforms of references, cropped to the
+    working grid ``P_w`` (what the E-step reads)."""
+    F = np.stack([crop_padded(padded_transform(a, pad, gridding=gridding), P_w) for a in refs])
+    return np.ascontiguousarray(F, dtype=np.complex64)
+
+
 def rotate_volume(vol: np.ndarray, R: np.ndarray, pad: float = 2.0) -> np.ndarray:
     """``vol`` rotated actively by ``R`` (x'(r) = x(Rᵀr)), by Fourier interpolation."""
     from mltomo import _core

@@ -66,7 +66,16 @@ def add_args(p):
     g.add_argument("--missing", default="none",
                    help="missing region for particles whose table gives none: none, wedge_y:A:B (tilt about y from A to B deg), "
                         "wedge_x:A:B, pyramid:YA:YB:XA:XB, cone:T (default none)")
-    g.add_argument("--weight-threshold", type=float, help="for rlnCtfImage weight volumes: observed where weight > this (default half the max)")
+    g.add_argument("--weight-threshold", type=float, help="for rlnCtfImage CTF volumes: a binary mask, observed where the volume > this "
+                   "(default: continuous CTF² weights, the particle divided by the CTF)")
+    g.add_argument("--weight-layout", default="auto", choices=("auto", "centred", "origin", "half"),
+                   help="layout of rlnCtfImage volumes: centred (n/2 is frequency 0: RELION), origin (index 0 is frequency 0: "
+                        "STOPGAP, cryoCAT, TOM) or half (n x n x n/2+1); default auto: detected from each particle's power spectrum")
+    g.add_argument("--noise", default="white", choices=("white", "shell"),
+                   help="noise model: white (one sigma, the paper's) or shell (sigma^2 per resolution shell and mask group, "
+                        "estimated every iteration: real subtomograms; default white)")
+    g.add_argument("--no-scale-correction", action="store_true",
+                   help="do not bring --ref to the particles' intensity scale, nor estimate a scale per mask group (default: both)")
     g.add_argument("--max-resolution", type=float, metavar="A", help="work to this resolution in Å (crops the Fourier transform; default: full box)")
     g.add_argument("--particle-diameter", type=float, metavar="A", help="soft spherical mask of this diameter on the references (default: none)")
     g.add_argument("--mask", metavar="MRC", help="focused mask multiplied into the references (with --no-align: focused classification; default: none)")
@@ -87,7 +96,8 @@ def config_from_args(args):
         angular_sampling_deg=args.angular_sampling,
         angular_range_deg=args.angular_range, perturb=not args.no_perturb, no_rotate=args.no_rotate,
         no_align=args.no_align, max_shift_voxels=args.max_shift, xi0_voxels=args.xi0, missing=args.missing,
-        weight_threshold=args.weight_threshold, impute_iter=args.impute_iter, wa_threshold=args.wa_threshold,
+        weight_threshold=args.weight_threshold, weight_layout=args.weight_layout, noise=args.noise,
+        scale_correction=not args.no_scale_correction, impute_iter=args.impute_iter, wa_threshold=args.wa_threshold,
         reg0=args.reg0, regF=args.regF, reg_steps=args.reg_steps, fix_sigma=args.fix_sigma, fix_xi=args.fix_xi,
         fix_fractions=args.fix_fractions, max_resolution_angstrom=args.max_resolution, padding=args.padding,
         particle_diameter_angstrom=args.particle_diameter, mask=args.mask, sym=args.sym, eps=args.eps,

@@ -118,7 +118,8 @@ def _refine(comm, star, out, config, refs, continue_dir, iterations, threads, pr
         if comm.rank == 0 and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
             err = f"{out}: output directory exists and is not empty (use a new one, or --continue {out})"
         comm.check(err)
-    particles = read_particles(star, missing=config.missing, weight_threshold=config.weight_threshold, comm=comm)
+    particles = read_particles(star, missing=config.missing, weight_threshold=config.weight_threshold,
+                               weight_layout=config.weight_layout, comm=comm)
     if particles.n_total < config.n_classes:
         raise ValueError(f"{star}: {particles.n_total} particles for {config.n_classes} classes")
     init = None

@@ -1,0 +1,184 @@
+"""Intensity scale and coloured noise: the data model of real subtomograms (README, "Noise and scale").
+
+SPEC §2's model is ``X_i = e^{−2πik·t} (R A_k)(k) + n`` with white noise of variance σ² per real
+degree of freedom, seen through the weights ``w_i`` of the particle's missing region. Real
+particles are on their own intensity scale and their noise is not white (CTF, dose weighting,
+binning, masking). mltomo's general model, per mask group ``g`` (one weight volume or missing
+region, see :class:`~mltomo.model.Particles`):
+
+    X_i(k) = s_g · e^{−2πik·t} (R A_k)(k) + n_i(k),   E|n_i(k)|² = σ² c_g(|k|) / w_i(k),
+
+with a scale ``s_g`` and a noise shape ``c_g(shell)`` (σ²_g(shell) = σ² c_g(shell)). Its
+log-likelihood term is ``−Σ_k w |X − s·(…)|² / (2σ² c_g)``, which is the E-step of SPEC §3 run
+on ``X' = X / s_g`` with the effective weights
+
+    w'_g(k) = w_g(k) · s_g² / c_g(|k|),
+
+so the C++ core, the sums and the weighted-averaging M-step are unchanged: ``S = Σ P R⁻¹[w' X']``
+and ``M = Σ P R⁻¹[w']`` give the generalised least-squares average ``Σ s w X / c ÷ Σ s² w / c``.
+The imputation M-step (``ml``) divides by ``Mfull = Σ P R⁻¹[1]``; it needs ``Σ P R⁻¹[s²/c]``,
+which :func:`scale_full_weights` forms from ``Mfull`` with the particle-weighted mean of
+``s_g²/c_g`` at each grid point's radius (exact for one group).
+
+After every E-step the parameters are re-estimated at each particle's most probable pose
+``(k_i, R_i, t_i)`` with ``P_i = R_i A_{k_i}`` (shift undone in ``X_i``), per shell ``s``:
+
+    a_g(s) = Σ_{i∈g} Σ_{k∈s} h w Re(X̄_i P_i),   b_g(s) = Σ h w |P_i|²,   e_g(s) = Σ h w |X_i|²,
+
+    s_g = Σ_s a_g/c_g ÷ Σ_s b_g/c_g   (then divided by their particle-weighted mean, so the
+    references keep the data's scale: ``s`` and ``A`` are only defined up to a common factor),
+
+    σ²_g(s) = (e − 2 s a + s² b) / Σ_{i∈g} Σ_{k∈s} h [w > 0],
+
+and ``c_g = σ²_g / σ̄²``, ``σ̄²`` the observed-component-weighted mean of ``σ²_g`` (σ² itself,
+the overall level, stays the M-step's posterior-weighted estimate). Shells with fewer than
+``MIN_COMPONENTS`` observed components take their neighbour's value. With one mask group the
+scale is 1 by construction; ``white`` noise keeps ``c = 1`` (the paper's model).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from mltomo.fourier import radius_half
+
+log = logging.getLogger("mltomo")
+
+MIN_COMPONENTS = 24  # observed components a shell needs for its own σ² estimate
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """Per mask group ``g``: the intensity scale ``scale[g]`` and the noise shape
+    ``shape[g, s]`` (mean 1 over the observed components) of shells ``s = 0 .. n//2``."""
+
+    scale: np.ndarray  # (G,) s_g
+    shape: np.ndarray  # (G, n//2+1) c_g(s)
+
+    @classmethod
+    def white(cls, n_groups: int, n: int) -> NoiseModel:
+        return cls(np.ones(n_groups), np.ones((n_groups, n // 2 + 1)))
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(np.all(self.scale == 1.0) and np.all(self.shape == 1.0))
+
+    def masks(self, masks_w: np.ndarray, n_w: int) -> np.ndarray:
+        """Effective weights ``w'_g = w_g s_g² / c_g(|k|)`` on the working box (float32)."""
+        if self.is_identity:
+            return masks_w
+        shells = _shell_index(n_w, self.shape.shape[1])
+        factor = (self.scale[:, None] ** 2 / self.shape)[:, shells]  # (G, n_w, n_w, n_w//2+1)
+        return np.ascontiguousarray(masks_w * factor, dtype=np.float32)
+
+    def data(self, spectra_w: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """``X' = X / s_g`` (the input itself when every scale is 1)."""
+        if np.all(self.scale == 1.0):
+            return spectra_w
+        inv = (1.0 / self.scale[np.asarray(groups)]).astype(np.float32)
+        return spectra_w * inv[:, None, None, None]
+
+    def sigma2_shells(self, sigma2: float) -> np.ndarray:
+        """``(G, n//2+1)`` the noise power σ²_g(s) = σ² c_g(s) per real degree of freedom."""
+        return float(sigma2) * self.shape
+
+
+def _shell_index(n_w: int, n_shells: int) -> np.ndarray:
+    """Shell of every component of the working box's half spectrum (clipped to the table)."""
+    return np.minimum(np.rint(radius_half(n_w)).astype(np.int64), n_shells - 1)
+
+
+def scale_full_weights(Mfull: np.ndarray, noise: NoiseModel, group_counts: np.ndarray, pad: float) -> np.ndarray:
+    """``Mfull`` of the imputation M-step under the model's scale and noise shape: each padded
+    grid point ``q`` times the particle-weighted mean of ``s_g² / c_g(|q| / pad)``."""
+    if noise.is_identity:
+        return Mfull
+    P = Mfull.shape[1]
+    counts = np.asarray(group_counts, dtype=np.float64)
+    mean = (counts[:, None] * noise.scale[:, None] ** 2 / noise.shape).sum(0) / max(counts.sum(), 1.0)
+    s = radius_half(P) / pad
+    lo = np.clip(np.floor(s).astype(np.int64), 0, len(mean) - 1)
+    hi = np.clip(lo + 1, 0, len(mean) - 1)
+    f = np.clip(s - lo, 0.0, 1.0)
+    return Mfull * ((1 - f) * mean[lo] + f * mean[hi])[None]
+
+
+def map_shell_sums(spectra_w, masks_w, groups, results, Fref, sampling, voxel_size):
+    """``(a, b, e, m)`` each ``(G, n//2+1)``: the per-shell sums of the module docstring over this
+    process's particles at their most probable poses (``results``: their
+    :class:`~mltomo.model.ParticleResults`; ``Fref`` the E-step's padded reference transforms)."""
+    from mltomo import _core, geometry
+
+    n_w = sampling.n_w
+    G = masks_w.shape[0]
+    S = sampling.n // 2 + 1
+    shells = _shell_index(n_w, S).ravel()
+    hw = sampling.working_weights().ravel()
+    a, b, e, m = (np.zeros((G, S)) for _ in range(4))
+    if len(spectra_w) == 0:
+        return a, b, e, m
+    data = sampling.apply_shifts(spectra_w, np.asarray(results.shifts_angstrom) / voxel_size)
+    R = geometry.euler_to_matrix(*np.asarray(results.angles, dtype=np.float64).T).reshape(-1, 3, 3)
+    classes = np.asarray(results.classes, dtype=np.int64) - 1
+    for i in range(len(data)):
+        g = int(groups[i])
+        pred = _core.rotate_forward(Fref[classes[i]], sampling.pad, np.ascontiguousarray(R[i]), n_w,
+                                    sampling.radius).ravel()
+        x = data[i].ravel()
+        hwi = hw * masks_w[g].ravel()
+        a[g] += np.bincount(shells, hwi * (x.conj() * pred).real, S)
+        b[g] += np.bincount(shells, hwi * np.abs(pred) ** 2, S)
+        e[g] += np.bincount(shells, hwi * np.abs(x) ** 2, S)
+        m[g] += np.bincount(shells, hw * (masks_w[g].ravel() > 0), S)
+    return a, b, e, m
+
+
+def estimate(sums, noise: NoiseModel, group_counts, *, coloured: bool, scale: bool) -> NoiseModel:
+    """The next :class:`NoiseModel` from the all-reduced :func:`map_shell_sums` ``(a, b, e, m)``."""
+    a, b, e, m = sums
+    G = a.shape[0]
+    counts = np.asarray(group_counts, dtype=np.float64)
+    s = np.ones(G)
+    if scale and G > 1:
+        num = (a / noise.shape).sum(1)
+        den = (b / noise.shape).sum(1)
+        ok = (den > 0) & (num > 0) & (counts > 0)
+        s = np.where(ok, num / np.where(ok, den, 1.0), 1.0)
+        mean = float((counts * s).sum() / max(counts.sum(), 1.0))
+        s = s / mean if mean > 0 else np.ones(G)
+    shape = noise.shape
+    if coloured:
+        sig = np.where(m > 0, (e - 2 * s[:, None] * a + s[:, None] ** 2 * b) / np.where(m > 0, m, 1.0), 0.0)
+        sig = np.array([_fill_sparse(sig[g], m[g]) for g in range(G)])
+        total = float((sig * m).sum() / max(m.sum(), 1.0))
+        if total > 0:
+            shape = np.where(sig > 0, sig / total, 1.0)
+    return NoiseModel(scale=s, shape=shape)
+
+
+def _fill_sparse(sig: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Shells with too few observed components (or none) take the nearest well-sampled one's value."""
+    good = np.flatnonzero((m >= MIN_COMPONENTS) & (sig > 0))
+    if len(good) == 0:
+        return np.ones_like(sig)
+    near = good[np.argmin(np.abs(np.arange(len(sig))[:, None] - good[None, :]), axis=1)]
+    return np.where((m >= MIN_COMPONENTS) & (sig > 0), sig, sig[near])
+
+
+def warn_if_flat(scores, comm, n_samples: float, iteration: int) -> bool:
+    """Warn (rank 0) when the posteriors are flat: the median particle's largest posterior is
+    under 1e-3 and it keeps over 1000 samples. Returns whether it warned."""
+    mp = comm.gather(np.asarray(scores.max_post))
+    ns = comm.gather(np.asarray(scores.n_significant))
+    flat = False
+    if comm.rank == 0:
+        mp, ns = np.concatenate(mp), np.concatenate(ns)
+        if len(mp) and np.median(mp) < 1e-3 and np.median(ns) > 1000:
+            flat = True
+            log.warning(f"iteration {iteration}: the posteriors are flat (median max posterior {np.median(mp):.1e}, "
+                        f"median {np.median(ns):.0f} significant samples of {n_samples:.0f} a particle): "
+                        f"the reference may be on another intensity scale than the particles, or far from them")
+    return bool(comm.bcast(flat))
