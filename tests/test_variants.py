@@ -614,7 +614,7 @@ def test_refine_help_states_every_default():
         "--no-perturb": "default: re-oriented", "--no-rotate": "default: off", "--no-align": "default: off",
         "--max-shift": "default min(n/4, ceil(3 xi0))", "--xi0": "default 2", "--missing": "(default none)",
         "--weight-threshold": "default: continuous CTF² weights",
-        "--weight-layout": "default auto", "--noise": "default white", "--no-scale-correction": "default: both",
+        "--weight-layout": "default auto", "--weight-kind": "default auto", "--noise": "default white", "--no-scale-correction": "default: both",
         "--mask": "default: none",
         "--particle-diameter": "default: none", "--max-resolution": "default: full box", "--padding": "default 2",
         "--initial-lowpass": "default: none for --ref maps, 8 voxels", "--eps": "default 1e-5",

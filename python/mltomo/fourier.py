@@ -555,7 +555,7 @@ def weight_volume_half(weights: np.ndarray, layout: str) -> np.ndarray:
 
 def detect_weight_layout(weights: np.ndarray, spectrum: np.ndarray, margin: float = 0.1) -> str:
     """The layout of a full ``(n, n, n)`` weight volume, read off a particle that uses it: the
-    layout whose weights correlate best with the particle's log power ``log|X(k)|²`` (a missing
+    layout whose weights' magnitudes correlate best with the particle's log power ``log|X(k)|²`` (a missing
     region and CTF zeros leave their mark in the data), by at least ``margin``; a half-size
     volume is ``"half"``. Raises ``ValueError`` when neither layout is clearly better."""
     w = np.asarray(weights)
@@ -563,7 +563,7 @@ def detect_weight_layout(weights: np.ndarray, spectrum: np.ndarray, margin: floa
     if w.ndim == 3 and w.shape[2] == n // 2 + 1 and n > 2:
         return "half"
     power = np.log(np.abs(np.asarray(spectrum)) ** 2 + 1e-30 + 1e-12 * float(np.max(np.abs(spectrum)) ** 2))
-    halves = {layout: weight_volume_half(w, layout) for layout in ("centred", "origin")}
+    halves = {layout: np.abs(weight_volume_half(w, layout)) for layout in ("centred", "origin")}
     if np.allclose(halves["centred"], halves["origin"]):
         return "centred"  # the same either way (e.g. constant)
     hw = half_weights(n).astype(np.float64)
@@ -582,14 +582,22 @@ def detect_weight_layout(weights: np.ndarray, spectrum: np.ndarray, margin: floa
     return best
 
 
-def ctf_weights(ctf_half: np.ndarray, threshold: float | None = None) -> tuple[np.ndarray | None, np.ndarray]:
-    """``(divisor, w)`` of a CTF weight volume ``c`` (half layout): RELION 3's ``rlnCtfImage``
-    multiplies the reference, ``X = c·A + n``, so ``Σ|X − c A|² = Σ c² |X/c − A|²``: the particle
-    is divided by ``divisor = c`` (where ``|c|`` exceeds 1e-3 of its maximum; 0 elsewhere) and
-    weighted by the continuous ``w = c² / max c²`` (the scale goes into σ²). With ``threshold``
-    the old binary mask instead: observed where ``c > threshold``, no division (``divisor``
-    None). Both are made centrosymmetric, DC observed."""
+def ctf_weights(ctf_half: np.ndarray, threshold: float | None = None,
+                kind: str = "ctf") -> tuple[np.ndarray | None, np.ndarray]:
+    """``(divisor, w)`` of a weight volume (half layout) for a particle ``X``.
+
+    ``kind="ctf"``: the volume is the CTF ``c`` that multiplies the reference (RELION 3's
+    ``rlnCtfImage``), ``X = c·A + n``, so ``Σ|X − c A|² = Σ c² |X/c − A|²``: the particle is
+    divided by ``divisor = c`` and weighted by ``w = c² / max c²``. ``kind="ctf2"``: the volume
+    is a CTF² sum ``W`` and ``X = Σ CTF·P`` is CTF-premultiplied (RELION 4's pseudo-subtomogram),
+    ``X = W A + n`` with noise power ∝ W, so ``Σ|X − W A|²/W = Σ W |X/W − A|²``: divided by
+    ``W``, weighted by ``W / max W``. Components where ``|c|`` (or ``W``) is under 1e-3 of its
+    maximum are unobserved; the scale goes into σ². With ``threshold`` the binary mask of
+    earlier versions instead: observed where the volume exceeds ``threshold``, no division
+    (``divisor`` None). Centrosymmetric, DC observed."""
     c = np.asarray(ctf_half, dtype=np.float64)
+    if kind not in ("ctf", "ctf2"):
+        raise ValueError(f"weight kind must be ctf or ctf2, got {kind!r}")
     if threshold is not None:
         mask = (c > threshold).astype(np.float32)
         mask[0, 0, 0] = 1.0
@@ -597,8 +605,10 @@ def ctf_weights(ctf_half: np.ndarray, threshold: float | None = None) -> tuple[n
     cmax = float(np.max(np.abs(c)))
     if not cmax > 0:
         raise ValueError("weight volume is zero everywhere: no observed Fourier components")
+    if kind == "ctf2" and np.any(c < -1e-6 * cmax):
+        raise ValueError("a CTF² weight volume has negative values: is it a CTF (use --weight-kind ctf)?")
     keep = np.abs(c) > 1e-3 * cmax
-    w = np.where(keep, (c / cmax) ** 2, 0.0).astype(np.float32)
+    w = np.where(keep, (c / cmax) ** 2 if kind == "ctf" else c / cmax, 0.0).astype(np.float32)
     w = _symmetrise_min(w)
     divisor = np.where(w > 0, c, 0.0)
     if divisor[0, 0, 0] == 0:  # the DC counts as observed (SPEC §1)

@@ -57,6 +57,7 @@ class Config:
     missing: str = "none"  # default region for particles the table gives none
     weight_threshold: float | None = None  # binarise weight volumes at this value (None: continuous weights)
     weight_layout: str = "auto"  # weight volumes: "auto", "centred", "origin" (full n³) or "half"
+    weight_kind: str = "auto"  # weight volumes: "ctf" (multiplies the reference), "ctf2" (premultiplied data), auto
     noise: str = "white"  # "white" (σ², the paper's) or "shell" (σ²(shell) per mask group: mltomo.noise)
     scale_correction: bool = True  # per-group intensity scale, and a given --ref brought to the data's scale
     impute_iter: int = 1

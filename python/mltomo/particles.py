@@ -7,9 +7,11 @@ The table is a RELION-style STAR file. Columns used:
   :func:`image_dir`);
 * the missing region of each particle, first found of: ``rlnCtfImage`` (a RELION 3 CTF
   volume ``c``, which multiplies the reference: the particle is divided by ``c`` and weighted by
-  the continuous ``c²``, :func:`mltomo.fourier.ctf_weights`; with ``--weight-threshold`` a
-  binary mask instead; its layout, centred or origin at index 0, by ``--weight-layout``,
-  default detected from the particle's power spectrum),
+  the continuous ``c²``; or, ``--weight-kind ctf2`` and for RELION 4 pseudo-subtomograms, a
+  CTF² sum ``W`` of premultiplied data: divided by and weighted with ``W``;
+  :func:`mltomo.fourier.ctf_weights`; with ``--weight-threshold`` a binary mask instead; its
+  layout, centred or origin at index 0, by ``--weight-layout``, default detected from the
+  particle's power spectrum),
   ``mltomoMissingRegion`` (text such as ``wedge_y:-60:60``), the region of the particle's
   ``rlnTomoName`` in a ``data_tomograms`` block (columns ``rlnTomoName``,
   ``mltomoMissingRegion``), else the command line's ``--missing``;
@@ -65,7 +67,7 @@ def image_dir(star_path) -> Path:
 
 
 def read_particles(star_path, *, missing: str = "none", weight_threshold: float | None = None,
-                   weight_layout: str = "auto", comm=None) -> Particles:
+                   weight_layout: str = "auto", weight_kind: str = "auto", comm=None) -> Particles:
     """This rank's block of the STAR table ``star_path``: spectra, missing-region masks (by
     ``--missing``, the table's ``mltomoMissingRegion``, a tomograms block or weight volumes),
     priors. A bad table or particle is one error line (``ParticleTableError``) on every rank."""
@@ -85,7 +87,7 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
     N = len(df)
     a, b = split_range(N, comm.rank, comm.size)
     spectra, labels, names, masks, box, header_voxel = _read_block(
-        df, a, b, star_dir, missing, (weight_threshold, weight_layout), tomo_regions, voxel, comm)
+        df, a, b, star_dir, missing, (weight_threshold, weight_layout, weight_kind), tomo_regions, voxel, comm)
 
     # Every rank must agree on the box and voxel size.
     info = comm.gather((box, header_voxel))
@@ -159,7 +161,7 @@ def _read_table(path: Path, comm):
 def _read_block(df, a, b, star_dir, missing, weighting, tomo_regions, voxel, comm):
     """This rank's rows ``a:b``: spectra, region labels, names, masks by label, box and the
     first particle's header voxel size; a bad file is one error line on every rank.
-    ``weighting``: ``(weight threshold, weight layout)`` of weight volumes."""
+    ``weighting``: ``(threshold, layout, kind)`` of weight volumes."""
     from mltomo.fourier import parse_missing_region, rfft_unitary
     from mltomo.io import read_volume_any
 
@@ -220,17 +222,17 @@ def _region_label(row, columns, tomo_regions: dict, missing: str) -> str:
 
 def _region_mask(label: str, name: str, box: int, star_dir, weighting, spectrum):
     """``(mask (box, box, box//2+1), divisor or None)`` of a region label (``name``, ``spectrum``:
-    the first particle using it; ``weighting``: (threshold, layout) of weight volumes)."""
+    the first particle using it; ``weighting``: (threshold, layout, kind) of weight volumes)."""
     from mltomo.fourier import missing_region_mask, parse_missing_region
     from mltomo.io import read_volume_any
 
     divisor = None
     if label.startswith("weights:"):
         wname = label[len("weights:"):]
-        wvol, _ = read_volume_any(wname, star_dir)
-        threshold, layout = weighting
+        wvol, _ = read_volume_any(wname, star_dir, cubic=False)
+        threshold, layout, kind = weighting
         try:
-            mask, divisor = _weights(wvol, box, spectrum, threshold, layout)
+            mask, divisor = _weights(wvol, box, spectrum, threshold, layout, kind)
         except ValueError as exc:
             raise ParticleTableError(f"{wname}: {exc}") from exc
     else:
@@ -245,12 +247,20 @@ def _region_mask(label: str, name: str, box: int, star_dir, weighting, spectrum)
     return mask, divisor
 
 
-def _weights(wvol, box: int, spectrum, threshold, layout):
-    """``(w, divisor)`` of a weight volume for ``box``³ particles (:func:`mltomo.fourier.ctf_weights`)."""
+def _weights(wvol, box: int, spectrum, threshold, layout, kind="auto"):
+    """``(w, divisor)`` of a weight volume for ``box``³ particles (:func:`mltomo.fourier.ctf_weights`).
+    A RELION 4 pseudo-subtomogram's weight (CTF² sum with its multiplicity concatenated along
+    z, ``2·box`` slices) is a CTF² sum; any other is a CTF unless ``kind`` says otherwise."""
     from mltomo.fourier import WEIGHT_LAYOUTS, ctf_weights, detect_weight_layout, weight_volume_half
 
+    shape = "×".join(map(str, wvol.shape))
+    relion4 = wvol.ndim == 3 and wvol.shape[0] == 2 * box and wvol.shape[1] == box
+    if relion4:
+        wvol = wvol[:box]
+    if kind == "auto":
+        kind = "ctf2" if relion4 else "ctf"
     if wvol.ndim != 3 or wvol.shape[:2] != (box, box) or wvol.shape[2] not in (box, box // 2 + 1):
-        raise ValueError(f"weight volume is {'×'.join(map(str, wvol.shape))}, the particles are {box}³ "
+        raise ValueError(f"weight volume is {shape}, the particles are {box}³ "
                          f"(a weight volume must be {box}³, or {box}×{box}×{box // 2 + 1} for the half layout)")
     half_shape = wvol.shape[2] == box // 2 + 1 and box > 2
     if layout == "auto":
@@ -258,9 +268,9 @@ def _weights(wvol, box: int, spectrum, threshold, layout):
     elif layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"--weight-layout {layout}: use auto, {', '.join(WEIGHT_LAYOUTS)}")
     elif (layout == "half") != half_shape:
-        raise ValueError(f"weight volume is {'×'.join(map(str, wvol.shape))}, which --weight-layout {layout} "
+        raise ValueError(f"weight volume is {shape}, which --weight-layout {layout} "
                          f"does not fit (use --weight-layout {'half' if half_shape else 'centred or origin'})")
-    divisor, w = ctf_weights(weight_volume_half(wvol, layout), threshold)
+    divisor, w = ctf_weights(weight_volume_half(wvol, layout), threshold, kind)
     return w, divisor
 
 

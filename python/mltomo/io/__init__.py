@@ -51,9 +51,10 @@ def read_volume(path_or_name) -> tuple:
     return read_volume_any(path_or_name, None)
 
 
-def read_volume_any(path_or_name, star_dir=None) -> tuple:
+def read_volume_any(path_or_name, star_dir=None, cubic: bool = True) -> tuple:
     """Read the volume an image name points to, resolved against ``star_dir`` (see
-    :func:`mltomo.io.star.resolve_image_name`): ``(vol float32 [z, y, x], voxel Å)``."""
+    :func:`mltomo.io.star.resolve_image_name`): ``(vol float32 [z, y, x], voxel Å)``;
+    ``cubic=False`` (weight volumes) accepts any 3-D shape of a single MRC volume."""
     from mltomo.io import em, mrc
     from mltomo.io.star import resolve_image_name
 
@@ -75,7 +76,7 @@ def read_volume_any(path_or_name, star_dir=None) -> tuple:
             raise FileFormatError(f"{path}: .em files hold one volume, cannot read volume {index1}")
         return em.read_em(path)
     if index1 is None:
-        return mrc.read_volume(path)
+        return mrc.read_volume(path, cubic=cubic)
     return mrc.read_stack_item(path, index1)
 
 

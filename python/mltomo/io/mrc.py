@@ -67,13 +67,13 @@ def _voxel_size(mrc) -> float:
     return v if np.isfinite(v) and v > 0 else 0.0
 
 
-def _as_volume(path, data, what: str = "volume") -> np.ndarray:
+def _as_volume(path, data, what: str = "volume", cubic: bool = True) -> np.ndarray:
     if np.iscomplexobj(data):
         raise _error(path, f"{what} holds complex values, expected a real density")
     vol = np.array(data, dtype=np.float32, copy=True, order="C")  # (n, n, n) own buffer
     if vol.ndim != 3:
         raise _error(path, f"{what} is {vol.ndim}-D with shape {vol.shape}, expected 3-D")
-    if len(set(vol.shape)) != 1:
+    if cubic and len(set(vol.shape)) != 1:
         nz, ny, nx = vol.shape
         hint = ""
         if nx == ny and nz > nx and nz % nx == 0:
@@ -85,11 +85,11 @@ def _as_volume(path, data, what: str = "volume") -> np.ndarray:
     return vol
 
 
-def read_volume(path) -> tuple[np.ndarray, float]:
+def read_volume(path, cubic: bool = True) -> tuple[np.ndarray, float]:
     """One cubic volume: ``(vol float32 [z, y, x], voxel_size_angstrom)``.
 
     A volume stack holding exactly one volume is accepted; a longer stack raises an error
-    asking for ``i@file``.
+    asking for ``i@file``. ``cubic=False`` accepts any 3-D shape (weight volumes).
     """
     path = Path(path)
     with _open(path) as mrc:
@@ -100,7 +100,7 @@ def read_volume(path) -> tuple[np.ndarray, float]:
             if data.shape[0] != 1:
                 raise _error(path, f"is a stack of {data.shape[0]} volumes; name one as i@{path.name}")
             data = data[0]
-        vol = _as_volume(path, data)
+        vol = _as_volume(path, data, cubic=cubic)
         return vol, _voxel_size(mrc)
 
 
