@@ -30,6 +30,9 @@ class Particles:
     prior_angles: np.ndarray | None = None  # (N_local, 3) rot, tilt, psi in degrees
     prior_shifts_angstrom: np.ndarray | None = None  # (N_local, 3) x, y, z
     prior_classes: np.ndarray | None = None  # (N_local,) 1-based
+    # RELION 5 2D tilt stacks (mltomo.io.relion5): the tomograms table the particles were read with,
+    # written into each iteration's optimisation set
+    tomograms_file: str | None = None
 
     @property
     def box(self) -> int:
