@@ -14,6 +14,9 @@ The table is a RELION-style STAR file. Columns used:
 * the voxel size: ``rlnImagePixelSize`` in ``data_optics`` if present, else the volumes'
   headers (all must agree).
 
+A RELION 5 optimisation set, or a table of 2D tilt stacks (``rlnTomoSubTomosAre2DStacks 1``),
+is read by :mod:`mltomo.io.relion5` instead: one pseudo-subtomogram and one weight per particle.
+
 Each process reads only its own contiguous block of rows.
 """
 

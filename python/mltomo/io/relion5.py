@@ -4,8 +4,8 @@ Input
 -----
 An *optimisation set* (a ``data_`` block with ``rlnTomoParticlesFile`` and
 ``rlnTomoTomogramsFile``, RELION 5's entry point), or a particle table whose ``data_general``
-says ``rlnTomoSubTomosAre2DStacks 1``; its tomograms table is then the ``tomograms`` argument
-(the CLI's ``--tomograms``) or, failing that, ``<table stem>_tomograms.star`` beside it.
+says ``rlnTomoSubTomosAre2DStacks 1``; its tomograms table is then the ``tomograms`` argument,
+else ``<stem>_tomograms.star`` beside it, else the one ``<stem>_optimisation_set.star`` names.
 
 * Particle table: ``rlnImageName`` (one ``.mrcs`` of 2D tilt images per particle),
   ``rlnTomoName``, ``rlnTomoVisibleFrames`` (``[1,0,1,...]``, one flag per tilt),
@@ -35,31 +35,34 @@ does: tilt ``f``'s 2D transform fills the plane ``k = (P_f A_sub)ᵀ (kx, ky, 0)
 particle is the reference rotated by ``A_part`` alone, so ``Particles.prior_angles`` is
 ``rlnAngle*`` unchanged, a refinement writes its angles back with RELION 5's meaning and
 ``rlnTomoSubtomogram*`` passes through untouched. ``rlnOrigin*Angst`` is a shift in the
-same frame (RELION projects it with ``P_f A_sub``).
+same frame (RELION projects it with ``P_f A_sub``). On the WarpTools 70S test set this
+rebuilds the map shipped with it mirrored in z, the tables' hand (tests/test_relion5.py).
 
 CTF and dose (RELION ``CTF::initialise``/``CTF::getCTF``, ``Damage::weightImage``,
 ``Tomogram::getCtf``)
 ------------------------------------------------------------------------------------------
-``c_f(k) = s_f · E_f(k) · (−sin γ_f(k))`` with ``k`` in 1/Å of the image pixel size,
-``γ = π λ Δf(k) |k|² − (π/2) Cs λ³ |k|⁴ + φ + atan(Q0/√(1−Q0²))`` (``Δf`` from defocus U/V and
-angle as RELION's astigmatic bilinear form, ``λ`` relativistic, ``φ`` the phase shift), ``s_f``
-``rlnCtfScalefactor``, and ``E_f = exp(−N_f / (2 (0.245 |k|^−1.665 + 2.81)))`` the Grant &
-Grigorieff dose weight at the tilt's pre-exposure ``N_f`` (``exp(−B N_f |k|²/4)`` when the
-tomogram sets ``rlnCtfBfactorPerElectronDose``). With ``rlnCenteredCoordinate*Angst`` the
-defocus gets RELION's depth term ``hand · slope · (P_f)_z · (x − A_sub·origin)``.
+``c_f(k) = s_f · E_f(k) · sin γ_f(k)`` (RELION's ``−sin`` of its opposite-signed phase),
+``γ = π λ Δf(k) |k|² − (π/2) Cs λ³ |k|⁴ + φ + atan(Q0/√(1−Q0²))``, ``k`` in 1/Å at the image
+pixel size, ``Δf`` from defocus U/V/angle (RELION's astigmatic bilinear form), ``λ``
+relativistic, ``φ`` the phase shift, ``s_f`` ``rlnCtfScalefactor`` and ``E_f = exp(−N_f /
+(2 (0.245 |k|^−1.665 + 2.81)))`` the Grant & Grigorieff dose weight at pre-exposure ``N_f``
+(``exp(−B N_f |k|²/4)`` with ``rlnCtfBfactorPerElectronDose``). With
+``rlnCenteredCoordinate*Angst`` the defocus gets RELION's depth term
+``hand · slope · (P_f)_z · (x − A_sub·origin)`` (not with pixel ``rlnCoordinate*``, whose unit
+WarpTools and RELION 4 read differently).
 
 What is returned (the convention the E-step relies on)
 ------------------------------------------------------
 Per particle, on the unitary half spectrum of :mod:`mltomo.fourier` (centre ``n//2``):
 ``D(k) = Σ_f Pᵀ_f [c_f Y_f / √n]`` and ``W(k) = Σ_f Pᵀ_f [c_f²]`` over the visible tilts
-(``Y_f`` the image's unitary 2D DFT, already carrying one ``c_f`` when premultiplied; the
-``1/√n`` makes the central-slice theorem hold for unitary DFTs, so ``D/W`` is the transform of
-the 3D particle whose projections are the images). ``Pᵀ`` is a trilinear splat of each 2D
-component into the 8 voxels around ``k``: the same kernel weighs ``D`` and ``W``, so it
-cancels in ``X = D/W`` (a local least-squares estimate of ``A``), planes leave no holes
-between voxels, and it is the splat RELION uses (``backprojectSlice_forward``). Only 2D
-components with ``|k2| < n/2`` and voxels with every ``|k| < n/2`` are used, so the
-half spectrum is exactly Hermitian-consistent.
+(``Y_f`` the raw image's unitary 2D DFT: a premultiplied image is ``c_f Y_f`` and is inserted
+as it is; ``1/√n`` makes the central-slice theorem hold for unitary DFTs, so ``D/W`` is the
+transform of the 3D particle whose projections are the images). ``Pᵀ`` splats each 2D
+component trilinearly into the 8 voxels around ``k``: the same kernel weighs ``D`` and ``W``,
+so it cancels in ``X = D/W`` (a local least-squares estimate of ``A``), tilted planes leave no
+holes, and it is RELION's splat (``backprojectSlice_forward``). Only 2D components with
+``|k2| < n/2`` and voxels with every ``|k| < n/2`` are used: the half spectrum is exactly
+Hermitian-consistent.
 The particle is ``X = D/W`` where ``W > 1e-6·max W`` (0 elsewhere) and its mask is ``w = W``
 itself, one per particle: then ``Σ w |X − RA|² = Σ |D − W·RA|²/W + const``, the exact
 likelihood of premultiplied data with noise variance ``∝ W``. ``W`` is *not* normalised nor
@@ -76,17 +79,8 @@ import numpy as np
 
 from mltomo.particles import ParticleTableError
 
-__all__ = [
-    "TiltSeries",
-    "is_optimisation_set",
-    "is_stack_table",
-    "resolve_inputs",
-    "read_tomograms",
-    "ctf_2d",
-    "insert_slices",
-    "pseudo_subtomogram",
-    "read_stack_particles",
-]
+__all__ = ["TiltSeries", "ctf_2d", "insert_slices", "is_optimisation_set", "is_stack_table", "pseudo_subtomogram",
+           "read_stack_particles", "read_tomograms", "resolve_inputs"]
 
 _PROJ_COLUMNS = ("rlnTomoProjX", "rlnTomoProjY", "rlnTomoProjZ")
 _ANGLE_COLUMNS = ("rlnTomoXTilt", "rlnTomoYTilt", "rlnTomoZRot")
