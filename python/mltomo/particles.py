@@ -36,6 +36,29 @@ class ParticleTableError(ValueError):
     """A problem with the particle table or a file it names (one line, names the file)."""
 
 
+def is_optimisation_set(blocks: dict) -> bool:
+    """True if a block of the STAR file names ``rlnTomoParticlesFile`` (a RELION 5 optimisation set)."""
+    return any(star_value(b, "rlnTomoParticlesFile") is not None for b in blocks.values())
+
+
+def is_stack_table(blocks: dict) -> bool:
+    """True if ``data_general`` says ``rlnTomoSubTomosAre2DStacks 1`` (RELION 5 2D tilt stacks)."""
+    value = star_value(blocks.get("general"), "rlnTomoSubTomosAre2DStacks")
+    try:
+        return value is not None and int(float(value)) == 1
+    except (TypeError, ValueError):
+        return False
+
+
+def star_value(block, name):
+    """The value of ``name`` in a simple block (dict) or the first row of a loop, else None."""
+    if isinstance(block, dict):
+        return block.get(name)
+    if block is not None and hasattr(block, "columns") and name in block.columns and len(block):
+        return block[name].iloc[0]
+    return None
+
+
 def _particle_block(blocks, path) -> str:
     """The name of the particle table: ``particles`` if it is one, else the first ``loop_``
     with an ``rlnImageName`` column."""
@@ -98,12 +121,12 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
     (``rlnTomoSubTomosAre2DStacks 1``; its tomograms table is ``tomograms``), becomes
     pseudo-subtomograms with one weight per particle: see :mod:`mltomo.io.relion5`.
     """
-    from mltomo.io import relion5
-
     comm = comm or SerialComm()
     path = Path(star_path)
     blocks = _read_blocks(path, comm)
-    if relion5.is_optimisation_set(blocks) or relion5.is_stack_table(blocks):
+    if is_optimisation_set(blocks) or is_stack_table(blocks):
+        from mltomo.io import relion5
+
         return relion5.read_stack_particles(path, blocks, tomograms=tomograms, comm=comm)
     df, table_name = _read_table(path, blocks, comm)
     star_dir = image_dir(path)

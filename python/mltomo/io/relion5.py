@@ -77,10 +77,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mltomo.particles import ParticleTableError
+from mltomo.particles import ParticleTableError, is_optimisation_set, is_stack_table, star_value
 
 __all__ = ["TiltSeries", "ctf_2d", "insert_slices", "is_optimisation_set", "is_stack_table", "pseudo_subtomogram",
-           "read_stack_particles", "read_tomograms", "resolve_inputs"]
+           "read_stack_particles", "read_tomograms", "resolve_inputs"]  # the two tests live in mltomo.particles
 
 _PROJ_COLUMNS = ("rlnTomoProjX", "rlnTomoProjY", "rlnTomoProjZ")
 _ANGLE_COLUMNS = ("rlnTomoXTilt", "rlnTomoYTilt", "rlnTomoZRot")
@@ -114,29 +114,6 @@ class TiltSeries:
 # --------------------------------------------------------------------------------------------
 
 
-def is_optimisation_set(blocks: dict) -> bool:
-    """True if a block of the STAR file names ``rlnTomoParticlesFile`` (an optimisation set)."""
-    return any(_key(b, "rlnTomoParticlesFile") is not None for b in blocks.values())
-
-
-def is_stack_table(blocks: dict) -> bool:
-    """True if ``data_general`` says ``rlnTomoSubTomosAre2DStacks 1``."""
-    value = _key(blocks.get("general"), "rlnTomoSubTomosAre2DStacks")
-    try:
-        return value is not None and int(float(value)) == 1
-    except (TypeError, ValueError):
-        return False
-
-
-def _key(block, name):
-    """The value of ``name`` in a simple block (dict) or the first row of a loop, else None."""
-    if isinstance(block, dict):
-        return block.get(name)
-    if block is not None and hasattr(block, "columns") and name in block.columns and len(block):
-        return block[name].iloc[0]
-    return None
-
-
 def _resolve(name, base: Path, what: str, named_in: Path) -> Path:
     """A file named in ``named_in`` (relative to its directory, else the current one)."""
     p = Path(str(name).strip()).expanduser()
@@ -166,8 +143,8 @@ def _tomograms_beside(path: Path) -> Path:
         return beside
     opt = path.parent / f"{stem}_optimisation_set.star"
     if opt.is_file():
-        named = next((_key(b, "rlnTomoTomogramsFile") for b in _read_blocks(opt).values()
-                      if _key(b, "rlnTomoTomogramsFile") is not None), None)
+        named = next((star_value(b, "rlnTomoTomogramsFile") for b in _read_blocks(opt).values()
+                      if star_value(b, "rlnTomoTomogramsFile") is not None), None)
         if named is not None:
             return _resolve(named, opt.parent, "tomograms file", opt)
     raise ParticleTableError(
@@ -180,9 +157,9 @@ def resolve_inputs(path, blocks: dict, tomograms=None) -> tuple[Path, dict, Path
     particle table ``path`` (already read as ``blocks``)."""
     path = Path(path)
     if is_optimisation_set(blocks):
-        block = next(b for b in blocks.values() if _key(b, "rlnTomoParticlesFile") is not None)
-        ppath = _resolve(_key(block, "rlnTomoParticlesFile"), path.parent, "particles file", path)
-        named = _key(block, "rlnTomoTomogramsFile")
+        block = next(b for b in blocks.values() if star_value(b, "rlnTomoParticlesFile") is not None)
+        ppath = _resolve(star_value(block, "rlnTomoParticlesFile"), path.parent, "particles file", path)
+        named = star_value(block, "rlnTomoTomogramsFile")
         if tomograms is None and named is None:
             raise ParticleTableError(f"{path}: optimisation set names no rlnTomoTomogramsFile")
         tpath = (Path(tomograms) if tomograms is not None
