@@ -57,17 +57,17 @@ def tilt_series(P, du=15000.0, dv=14000.0):
         phase_shift=np.zeros(F), hand=-1.0)
 
 
-def tilt_images(n, A_f, ctf):
-    """``(F, n, n)`` premultiplied images ``[y, x]``: unitary DFT ``c_f² √n A(A_fᵀ (k2, 0))``."""
+def tilt_images(n, A_f, ctf, power=2):
+    """``(F, n, n)`` images ``[y, x]``: unitary DFT ``c_f^power √n A(A_fᵀ (k2, 0))`` (2: premultiplied)."""
     f = np.fft.fftfreq(n, 1.0 / n).round()
     ky, kx = np.meshgrid(f, f, indexing="ij")
     k2 = np.stack([kx, ky, np.zeros_like(kx)], -1)  # (n, n, 3)
-    Y = np.stack([ctf[i] ** 2 * np.sqrt(n) * phantom_ft(k2 @ A, n) for i, A in enumerate(A_f)])  # k2 @ A = Aᵀ k2
+    Y = np.stack([ctf[i] ** power * np.sqrt(n) * phantom_ft(k2 @ A, n) for i, A in enumerate(A_f)])  # k2 @ A = Aᵀ k2
     return np.fft.fftshift(np.fft.ifft2(Y, norm="ortho").real, axes=(1, 2))
 
 
 def write_dataset(root, P, sub_angles, part_angles, *, n=16, visible=None, all_frames=True, dtype=np.float32,
-                  table_angles=None):
+                  table_angles=None, premultiplied=True):
     """Stacks, particle table, tomograms table and optimisation set for one tilt series ``P``; the
     images are of poses ``part_angles``, the table says ``table_angles`` (default the same)."""
     import mrcfile
@@ -83,7 +83,7 @@ def write_dataset(root, P, sub_angles, part_angles, *, n=16, visible=None, all_f
         A_sub, A_part = euler_to_matrix(*sub_angles[i]), euler_to_matrix(*part_angles[i])
         frames = np.arange(F) if all_frames else np.flatnonzero(visible[i])
         ctf = relion5.ctf_2d(n, PIXEL, ts, frames, **CTF)
-        imgs = tilt_images(n, ts.proj[frames] @ A_sub @ A_part, ctf)
+        imgs = tilt_images(n, ts.proj[frames] @ A_sub @ A_part, ctf, power=2 if premultiplied else 1)
         if all_frames:
             imgs[~visible[i]] = 0.0  # WarpTools leaves invisible tilts blank
         name = f"stacks/p{i + 1}.mrcs"
@@ -98,7 +98,7 @@ def write_dataset(root, P, sub_angles, part_angles, *, n=16, visible=None, all_f
                      "rlnOriginXAngst": 0.0, "rlnOriginYAngst": 0.0, "rlnOriginZAngst": 0.0})
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
                            "rlnSphericalAberration": [2.7], "rlnVoltage": [300.0], "rlnAmplitudeContrast": [0.07],
-                           "rlnCtfDataAreCtfPremultiplied": [1], "rlnImageDimensionality": [2],
+                           "rlnCtfDataAreCtfPremultiplied": [int(premultiplied)], "rlnImageDimensionality": [2],
                            "rlnImagePixelSize": [PIXEL], "rlnImageSize": [n]})
     write_star(root / "particles.star", {"general": {"rlnTomoSubTomosAre2DStacks": 1}, "optics": optics,
                                          "particles": pd.DataFrame(rows)})
@@ -125,10 +125,12 @@ def general_tilts(F=7, zrot=85.0):
 # --------------------------------------------------------------------------------------------
 
 
-def test_pseudo_subtomogram_equals_rotated_phantom_on_grid_planes(tmp_path):
+@pytest.mark.parametrize("premultiplied", [True, False])
+def test_pseudo_subtomogram_equals_rotated_phantom_on_grid_planes(tmp_path, premultiplied):
     """Tilts whose planes ``(P_f A_sub)ᵀ (k2, 0)`` are grid planes (kz=0, kx=0, ky=0), with a
     random subtomogram rotation and particle pose: X equals the phantom rotated by A_part
-    exactly wherever W > 0, CTF, dose and scale divided out."""
+    exactly wherever W > 0, CTF, dose and scale divided out (premultiplied images or raw ones,
+    ``rlnCtfDataAreCtfPremultiplied 0``, which the reader multiplies by the CTF)."""
     n = 16
     rng = np.random.default_rng(3)
     sub = np.array(matrix_to_euler(random_rotations(2, rng))).T
@@ -136,7 +138,7 @@ def test_pseudo_subtomogram_equals_rotated_phantom_on_grid_planes(tmp_path):
     Q = np.stack([np.eye(3), rotation_y(90.0), rotation_x(90.0)])  # signed permutations: not symmetric
     # one tilt series for both particles: P_f = Q_f A_subᵀ of particle 1; particle 2 gets general planes
     P = Q @ euler_to_matrix(*sub[0]).T
-    opt = write_dataset(tmp_path, P, sub, part, n=n)
+    opt = write_dataset(tmp_path, P, sub, part, n=n, premultiplied=premultiplied)
     p = read_particles(opt)
     assert p.spectra.shape == (2, n, n, n // 2 + 1) and p.masks.shape == (2, n, n, n // 2 + 1)
     assert list(p.groups) == [0, 1] and p.region_labels[0] == "tilts:stacks/p1.mrcs"
