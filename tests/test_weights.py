@@ -115,7 +115,8 @@ def test_weight_layout_that_cannot_be_told_is_refused(tmp_path):
     rng = np.random.default_rng(4)
     write_volume(tmp_path / "p.mrc", rng.normal(size=(n, n, n)).astype(np.float32), VOXEL)
     write_volume(tmp_path / "ctf.mrc", _ctf_centred(n), VOXEL)
-    write_star(tmp_path / "p.star", {"particles": pd.DataFrame({"rlnImageName": ["p.mrc"], "rlnCtfImage": ["ctf.mrc"]})})
+    table = pd.DataFrame({"rlnImageName": ["p.mrc"], "rlnCtfImage": ["ctf.mrc"]})
+    write_star(tmp_path / "p.star", {"particles": table})
     with pytest.raises(RankError, match=r"ctf\.mrc: cannot tell .* --weight-layout centred or origin"):
         read_particles(tmp_path / "p.star")
     with pytest.raises(RankError, match=r"ctf\.mrc: weight volume is 12×12×12, which --weight-layout half"):

@@ -30,6 +30,9 @@ class Particles:
     prior_angles: np.ndarray | None = None  # (N_local, 3) rot, tilt, psi in degrees
     prior_shifts_angstrom: np.ndarray | None = None  # (N_local, 3) x, y, z
     prior_classes: np.ndarray | None = None  # (N_local,) 1-based
+    # RELION 5 2D tilt stacks (mltomo.io.relion5): the tomograms table the particles were read with,
+    # written into each iteration's optimisation set
+    tomograms_file: str | None = None
 
     @property
     def box(self) -> int:
@@ -57,6 +60,7 @@ class Config:
     missing: str = "none"  # default region for particles the table gives none
     weight_threshold: float | None = None  # binarise weight volumes at this value (None: continuous weights)
     weight_layout: str = "auto"  # weight volumes: "auto", "centred", "origin" (full n³) or "half"
+    tomograms: str | None = None  # RELION 5 tomograms table of a 2D-stack particle table (default: found)
     weight_kind: str = "auto"  # weight volumes: "ctf" (multiplies the reference), "ctf2" (premultiplied data), auto
     noise: str = "white"  # "white" (σ², the paper's) or "shell" (σ²(shell) per mask group: mltomo.noise)
     scale_correction: bool = True  # per-group intensity scale, and a given --ref brought to the data's scale

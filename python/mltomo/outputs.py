@@ -7,6 +7,10 @@ Per iteration ``it`` (rank 0, every file written to a temporary name then rename
   ``rlnAngleRot/Tilt/Psi``, ``rlnOriginX/Y/ZAngst`` (SPEC §1 convention),
   ``rlnMaxValueProbDistribution``, ``rlnNrOfSignificantSamples``, ``rlnLogLikeliContribution``,
   and (ML) ``mltomoClassPosterior1..K``, each particle's class posterior;
+* ``run_itNNN_optimisation_set.star`` (RELION 5 tilt-stack input only): names that
+  ``_data.star`` and the input's tomograms table, as RELION 5's refinements do, so the
+  table reads back with its tilt series (``rlnAngle*`` keep RELION 5's meaning, relative to
+  ``rlnTomoSubtomogramRot/Tilt/Psi``, which pass through unchanged: see :mod:`mltomo.io.relion5`);
 * ``run_itNNN_model.star``, written last, so its presence marks a complete iteration:
   ``data_model_general`` (log-likelihood, σ, ξ, ...) and ``data_model_classes``
   (class map, fraction α_k, relative change).
@@ -90,6 +94,10 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
     for k, v in cols.items():
         df[k] = v
     write_star(f"{prefix}_data.star", data_blocks(particles, df), float_format="%.10g")
+    if getattr(particles, "tomograms_file", None):  # RELION 5 tilt stacks: the entry point for what follows
+        write_star(f"{prefix}_optimisation_set.star", {"": {
+            "rlnTomoParticlesFile": f"{prefix.name}_data.star",
+            "rlnTomoTomogramsFile": str(Path(particles.tomograms_file).resolve())}})
 
     general = {
         "rlnCurrentIteration": it,

@@ -19,6 +19,9 @@ The table is a RELION-style STAR file. Columns used:
 * the voxel size: ``rlnImagePixelSize`` in ``data_optics`` if present, else the volumes'
   headers (all must agree).
 
+A RELION 5 optimisation set, or a table of 2D tilt stacks (``rlnTomoSubTomosAre2DStacks 1``),
+is read by :mod:`mltomo.io.relion5` instead: one pseudo-subtomogram and one weight per particle.
+
 Each process reads only its own contiguous block of rows.
 """
 
@@ -38,6 +41,29 @@ class ParticleTableError(ValueError):
     """A problem with the particle table or a file it names (one line, names the file)."""
 
 
+def is_optimisation_set(blocks: dict) -> bool:
+    """True if a block of the STAR file names ``rlnTomoParticlesFile`` (a RELION 5 optimisation set)."""
+    return any(star_value(b, "rlnTomoParticlesFile") is not None for b in blocks.values())
+
+
+def is_stack_table(blocks: dict) -> bool:
+    """True if ``data_general`` says ``rlnTomoSubTomosAre2DStacks 1`` (RELION 5 2D tilt stacks)."""
+    value = star_value(blocks.get("general"), "rlnTomoSubTomosAre2DStacks")
+    try:
+        return value is not None and int(float(value)) == 1
+    except (TypeError, ValueError):
+        return False
+
+
+def star_value(block, name):
+    """The value of ``name`` in a simple block (dict) or the first row of a loop, else None."""
+    if isinstance(block, dict):
+        return block.get(name)
+    if block is not None and hasattr(block, "columns") and name in block.columns and len(block):
+        return block[name].iloc[0]
+    return None
+
+
 def _particle_block(blocks, path) -> str:
     """The name of the particle table: ``particles`` if it is one, else the first ``loop_``
     with an ``rlnImageName`` column."""
@@ -53,27 +79,62 @@ def image_dir(star_path) -> Path:
     """The directory the image names of a particle table are relative to: the table's own, except
     for a refinement's ``run_itNNN_data.star``, which copies its input table's names unchanged;
     those are relative to the input table's directory (``run_config.json`` records it), followed
-    through runs continued from such a file."""
+    through runs continued from such a file and through RELION 5 optimisation sets (to the
+    particle table they name)."""
     path = Path(star_path)
     seen = set()
-    while re.fullmatch(r"run_it\d+_data\.star", path.name) and path not in seen:
+    while path not in seen:
         seen.add(path)
-        try:
-            source = Path(json.loads((path.parent / "run_config.json").read_text())["particles"])
-        except (OSError, ValueError, KeyError, TypeError):
+        if re.fullmatch(r"run_it\d+_data\.star", path.name):
+            try:
+                source = Path(json.loads((path.parent / "run_config.json").read_text())["particles"])
+            except (OSError, ValueError, KeyError, TypeError):
+                break
+            path = source if source.is_absolute() else path.parent / source
+            continue
+        named = _optimisation_set_particles(path)
+        if named is None:
             break
-        path = source if source.is_absolute() else path.parent / source
+        path = named
     return path.parent
 
 
+def _optimisation_set_particles(path: Path) -> Path | None:
+    """The particle table an optimisation set names (relative to the set, else the current
+    directory), or None if ``path`` is not one (only the file's first 4 kB are looked at)."""
+    try:
+        with open(path, errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    m = re.search(r"^\s*_rlnTomoParticlesFile[ \t]+([^\s#]\S*)", head, re.MULTILINE)
+    if m is None:
+        return None
+    named = Path(m.group(1).strip("'\""))
+    if named.is_absolute() or (path.parent / named).exists() or not named.exists():
+        return path.parent / named
+    return named
+
+
 def read_particles(star_path, *, missing: str = "none", weight_threshold: float | None = None,
-                   weight_layout: str = "auto", weight_kind: str = "auto", comm=None) -> Particles:
+                   weight_layout: str = "auto", weight_kind: str = "auto", tomograms=None,
+                   comm=None) -> Particles:
     """This rank's block of the STAR table ``star_path``: spectra, missing-region masks (by
     ``--missing``, the table's ``mltomoMissingRegion``, a tomograms block or weight volumes),
-    priors. A bad table or particle is one error line (``ParticleTableError``) on every rank."""
+    priors. A bad table or particle is one error line (``ParticleTableError``) on every rank.
+
+    A RELION 5 optimisation set, or a particle table of 2D tilt stacks
+    (``rlnTomoSubTomosAre2DStacks 1``; its tomograms table is ``tomograms``), becomes
+    pseudo-subtomograms with one weight per particle: see :mod:`mltomo.io.relion5`.
+    """
     comm = comm or SerialComm()
     path = Path(star_path)
-    blocks, df, table_name = _read_table(path, comm)
+    blocks = _read_blocks(path, comm)
+    if is_optimisation_set(blocks) or is_stack_table(blocks):
+        from mltomo.io import relion5
+
+        return _normalised_weights(relion5.read_stack_particles(path, blocks, tomograms=tomograms, comm=comm), comm)
+    df, table_name = _read_table(path, blocks, comm)
     star_dir = image_dir(path)
     optics = blocks.get("optics")
     voxel = None
@@ -129,18 +190,29 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
     )
 
 
+def _normalised_weights(particles: Particles, comm) -> Particles:
+    """The particles with their weights divided by the largest of all particles' (all ranks):
+    ``w ≤ 1``, as the imputation M-step needs; the common factor goes into σ²."""
+    from dataclasses import replace
+
+    local = float(np.max(particles.masks)) if particles.masks.size else 0.0
+    top = max(comm.bcast(comm.gather(local)))
+    if not top > 0:
+        return particles
+    return replace(particles, masks=(particles.masks / top).astype(np.float32))
+
+
 def _other_blocks(blocks: dict, table_name: str) -> tuple:
     """``(name, block)`` of every block of the file but the particle table, in file order, and
     ``(name, None)`` where the table stood (see :attr:`mltomo.model.Particles.star_blocks`)."""
     return tuple((name, None if name == table_name else block) for name, block in blocks.items())
 
 
-def _read_table(path: Path, comm):
-    """``(blocks, particle table, its block name)`` of the STAR file, or one error line on every rank."""
+def _read_blocks(path: Path, comm) -> dict:
+    """Every block of the STAR file, or one error line on every rank."""
     from mltomo.io.star import read_star
 
-    error = None
-    blocks = df = table_name = None
+    error = blocks = None
     try:
         if not path.is_file():
             raise ParticleTableError(f"{path}: no such file")
@@ -148,14 +220,25 @@ def _read_table(path: Path, comm):
             blocks = read_star(path)
         except ValueError as exc:
             raise ParticleTableError(str(exc)) from exc
+    except (ParticleTableError, OSError) as exc:
+        error = str(exc)
+    comm.check(error)
+    return blocks
+
+
+def _read_table(path: Path, blocks: dict, comm):
+    """``(particle table, its block name)`` of the STAR file's blocks, or one error line on every rank."""
+    error = None
+    df = table_name = None
+    try:
         table_name = _particle_block(blocks, path)
         df = blocks[table_name].reset_index(drop=True)
         if len(df) == 0:
             raise ParticleTableError(f"{path}: the particle table is empty")
-    except (ParticleTableError, OSError) as exc:
+    except ParticleTableError as exc:
         error = str(exc)
     comm.check(error)
-    return blocks, df, table_name
+    return df, table_name
 
 
 def _read_block(df, a, b, star_dir, missing, weighting, tomo_regions, voxel, comm):

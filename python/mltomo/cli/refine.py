@@ -71,6 +71,9 @@ def add_args(p):
     g.add_argument("--weight-layout", default="auto", choices=("auto", "centred", "origin", "half"),
                    help="layout of rlnCtfImage volumes: centred (n/2 is frequency 0: RELION), origin (index 0 is frequency 0: "
                         "STOPGAP, cryoCAT, TOM) or half (n x n x n/2+1); default auto: detected from each particle's power spectrum")
+    g.add_argument("--tomograms", metavar="STAR",
+                   help="RELION 5 tomograms table of a 2D tilt-stack particle table (default: the one its optimisation set "
+                        "names, else <table>_tomograms.star beside it)")
     g.add_argument("--weight-kind", default="auto", choices=("auto", "ctf", "ctf2"),
                    help="rlnCtfImage volumes hold: ctf (the CTF that multiplies the reference, RELION 3) or ctf2 (a CTF² sum of "
                         "CTF-premultiplied data, RELION 4 pseudo-subtomograms); default auto: ctf2 for RELION 4's 2n-slice weights, else ctf")
@@ -99,7 +102,8 @@ def config_from_args(args):
         angular_sampling_deg=args.angular_sampling,
         angular_range_deg=args.angular_range, perturb=not args.no_perturb, no_rotate=args.no_rotate,
         no_align=args.no_align, max_shift_voxels=args.max_shift, xi0_voxels=args.xi0, missing=args.missing,
-        weight_threshold=args.weight_threshold, weight_layout=args.weight_layout, weight_kind=args.weight_kind, noise=args.noise,
+        weight_threshold=args.weight_threshold, weight_layout=args.weight_layout, weight_kind=args.weight_kind, tomograms=args.tomograms,
+        noise=args.noise,
         scale_correction=not args.no_scale_correction, impute_iter=args.impute_iter, wa_threshold=args.wa_threshold,
         reg0=args.reg0, regF=args.regF, reg_steps=args.reg_steps, fix_sigma=args.fix_sigma, fix_xi=args.fix_xi,
         fix_fractions=args.fix_fractions, max_resolution_angstrom=args.max_resolution, padding=args.padding,

@@ -119,7 +119,8 @@ def _refine(comm, star, out, config, refs, continue_dir, iterations, threads, pr
             err = f"{out}: output directory exists and is not empty (use a new one, or --continue {out})"
         comm.check(err)
     particles = read_particles(star, missing=config.missing, weight_threshold=config.weight_threshold,
-                               weight_layout=config.weight_layout, weight_kind=config.weight_kind, comm=comm)
+                               weight_layout=config.weight_layout, weight_kind=config.weight_kind,
+                               tomograms=config.tomograms, comm=comm)
     if particles.n_total < config.n_classes:
         raise ValueError(f"{star}: {particles.n_total} particles for {config.n_classes} classes")
     init = None
