@@ -11,7 +11,7 @@ from mltomo import geometry
 from mltomo.evaluate import angular_errors
 from mltomo.fourier import irfft_unitary, missing_region_mask, radius_half, rfft_unitary
 from mltomo.model import Config, Particles
-from mltomo.noise import NoiseModel, estimate, map_shell_sums
+from mltomo.noise import NoiseGroups, NoiseModel, estimate, map_shell_sums, noise_groups
 from mltomo.parallel import SerialComm
 from mltomo.particles import particles_from_arrays
 from mltomo.phantoms import PointCloud
@@ -71,7 +71,7 @@ def test_estimators_recover_scale_and_noise_at_the_true_poses():
     sums = map_shell_sums(sampling.crop(p.spectra), sampling.crop(masks), groups, _true_poses(sim), Fref,
                           sampling, VOXEL)
     counts = np.bincount(groups).astype(float)
-    noise = NoiseModel.white(2, n)
+    noise = NoiseModel.white(("a", "b"), n)
     for _ in range(3):  # the scale's weights use the shape, the shape the scale
         noise = estimate(sums, noise, counts, coloured=True, scale=True)
     assert noise.scale == pytest.approx([0.5, 1.5], rel=0.03)
@@ -94,13 +94,36 @@ def test_effective_weights_give_the_scaled_coloured_likelihood():
     noise = NoiseModel(scale=np.array([0.7, 2.5]), shape=rng.uniform(0.5, 2.0, size=(2, n // 2 + 1)))
     c = noise.shape[:, np.minimum(np.rint(radius_half(n)).astype(int), n // 2)]
     groups = np.array([0, 1])
-    we = noise.masks(w, n)
-    Xe = noise.data(X.astype(np.complex64), groups)
+    ng = NoiseGroups(of=groups, labels=("a", "b"), counts=np.ones(2), pairs=np.array([[0, 0], [1, 1]]),
+                     pair_of=groups.astype(np.int32))
+    we, ge = noise.masks(w, n, groups, ng)
+    Xe = noise.data(X.astype(np.complex64), ng)
     for g in range(2):
-        ours = np.sum(we[g] * np.abs(Xe[g] - A) ** 2)
+        ours = np.sum(we[ge[g]] * np.abs(Xe[g] - A) ** 2)
         direct = np.sum(w[g] * np.abs(X[g] - noise.scale[g] * A) ** 2 / c[g])
         assert ours == pytest.approx(direct, rel=1e-4)
-    assert noise.masks(w, n) is not w and NoiseModel.white(2, n).masks(w, n) is w
+    white = NoiseModel.white(("a", "b"), n)
+    assert white.masks(w, n, groups, ng)[0] is w and white.data(X, ng) is X
+
+
+def test_noise_groups_follow_the_optics_groups():
+    """Particles of two optics groups, each with its own weight volume (four mask groups):
+    two noise groups, one effective weight per (mask, noise) pair."""
+    import pandas as pd
+
+    n = 8
+    table = pd.DataFrame({"rlnOpticsGroup": [1, 1, 2, 2]})
+    half = (4, n, n, n // 2 + 1)
+    p = Particles(spectra=np.zeros(half, np.complex64), masks=np.ones(half, np.float32),
+                  groups=np.arange(4, dtype=np.int32), region_labels=("w1", "w2", "w3", "w4"), voxel_size_angstrom=1.0,
+                  names=("a", "b", "c", "d"), indices=np.arange(4), n_total=4, table=table)
+    ng = noise_groups(p, SerialComm())
+    assert ng.labels == ("optics group 1", "optics group 2")
+    assert list(ng.of) == [0, 0, 1, 1] and list(ng.counts) == [2, 2]
+    assert ng.pairs.tolist() == [[0, 0], [1, 0], [2, 1], [3, 1]] and list(ng.pair_of) == [0, 1, 2, 3]
+    q = noise_groups(Particles(**{**p.__dict__, "table": None, "groups": np.array([0, 0, 1, 1], np.int32)}),
+                     SerialComm())
+    assert q.labels == ("w1", "w2") and list(q.of) == [0, 0, 1, 1]
 
 
 def _refine(particles: Particles, refs, **kw):

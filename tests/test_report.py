@@ -10,7 +10,8 @@ import pytest
 from mltomo.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-REPORT_FILES = ("classes.png", "classes_over_iterations.png", "convergence.png", "orientations.png", "posteriors.png")
+REPORT_FILES = ("classes.png", "classes_over_iterations.png", "convergence.png", "orientations.png", "posteriors.png",
+                "noise.png")
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ from mltomo.initial import (
 )
 from mltomo.model import Config, IterationStats, Model, ParticleResults, RefineResult, Sums
 from mltomo.mstep import MStepInputs, mstep
-from mltomo.noise import NoiseModel, estimate, map_shell_sums, scale_full_weights, warn_if_flat
+from mltomo.noise import NoiseModel, estimate, map_shell_sums, noise_groups, scale_full_weights, warn_if_flat
 from mltomo.parallel import SerialComm
 from mltomo.reference import Constraints, lowpass, reference_transforms, soft_sphere
 from mltomo.sampling import Sampling, same_rotations_every_iteration, search_space
@@ -223,9 +223,11 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     self_fit = adaptive and config.mode != "cc" and same_rotations_every_iteration(config)
     tied_until, seeds, seed_it = _schedule(particles, config, refs, start_model, start_results, comm)
     halves = half_sets(config.seed, N)[np.asarray(particles.indices)] if adaptive else None
-    noise = model.noise if model.noise is not None else NoiseModel.white(len(masks_w), particles.box)
-    group_counts = np.bincount(particles.groups, minlength=len(masks_w)).astype(np.float64)
-    comm.allreduce_sum([group_counts])
+    ngroups = noise_groups(particles, comm)
+    noise = model.noise
+    if noise is None or len(noise.scale) != len(ngroups.labels):
+        noise = NoiseModel.white(ngroups.labels, particles.box)
+    noise = replace(noise, labels=ngroups.labels)
     flat_checked = False
     history = []
     results = start_results
@@ -240,15 +242,16 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         offsets = None
         if self_fit and not (tied or seeded) and results is not None:
             offsets = _self_fit_offsets(model, results, particles, masks_w, sampling, N)
+        masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
         sums, half_sums, scores, counters = _estep_iteration(
-            work, sampling, config, noise.data(data_w, particles.groups), noise.masks(masks_w, sampling.n_w),
-            particles.groups, rotations, rot_mask, seeds if seeded else None, bar, halves=halves, offsets=offsets)
+            work, sampling, config, noise.data(data_w, ngroups), masks_e, groups_e, rotations, rot_mask,
+            seeds if seeded else None, bar, halves=halves, offsets=offsets)
         if bar:
             bar.close()
         t_e = time.perf_counter()
         sums, counts = _reduce(sums, half_sums, counters, comm)
         for s in [sums] + (half_sums or []):
-            s.Mfull = scale_full_weights(s.Mfull, noise, group_counts, sampling.pad)
+            s.Mfull = scale_full_weights(s.Mfull, noise, ngroups.counts, sampling.pad)
         if not flat_checked:
             flat_checked = True
             warn_if_flat(scores, comm, counts[0] / max(N, 1), it)
@@ -267,11 +270,12 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         if not tied and config.mode != "cc":
             posteriors = _class_posteriors(scores, work, offsets, seeds if seeded else None)
         results = _particle_results(particles, scores, rotations, sampling, ll_i, pre_shift, posteriors)
-        noise = _next_noise(noise, work, results, particles, spectra_w, masks_w, sampling, config, group_counts, comm)
+        noise = _next_noise(noise, work, results, particles, spectra_w, masks_w, sampling, config, ngroups, comm)
         model = replace(model, noise=noise)
         if it == tied_until:  # the first split: the next E-step keeps every particle in its part
-            seeds, model, results = _first_split(model, results, particles, noise.data(spectra_w, particles.groups),
-                                                 noise.masks(masks_w, sampling.n_w), sampling, config, comm)
+            masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
+            seeds, model, results = _first_split(model, results, particles, noise.data(spectra_w, ngroups), masks_e,
+                                                 groups_e, sampling, config, comm)
             seed_it = it + 1
         t_m = time.perf_counter()
         stats = IterationStats(
@@ -315,13 +319,13 @@ def _schedule(particles, config: Config, refs, start_model, start_results, comm)
     return tied_until, None, 0
 
 
-def _first_split(model: Model, results: ParticleResults, particles, spectra_w, masks_w, sampling: Sampling,
+def _first_split(model: Model, results: ParticleResults, particles, spectra_w, masks_w, groups, sampling: Sampling,
                  config: Config, comm):
     """``(seeds, model, results)`` after the last tied iteration: each particle's group along
     the residuals' principal components (:mod:`mltomo.split`, collective), α and W_k the
     groups' shares, and the results holding the groups as classes (with one-hot posteriors)."""
     K, N = config.n_classes, particles.n_total
-    seeds = pca_split(spectra_w, masks_w, particles.groups, results, particles.voxel_size_angstrom, sampling,
+    seeds = pca_split(spectra_w, masks_w, groups, results, particles.voxel_size_angstrom, sampling,
                       model.shells, K, comm, seed=config.seed)
     W = np.bincount(seeds, minlength=K).astype(np.float64)
     comm.allreduce_sum([W])
@@ -331,18 +335,18 @@ def _first_split(model: Model, results: ParticleResults, particles, spectra_w, m
 
 
 def _next_noise(noise: NoiseModel, work: Model, results, particles, spectra_w, masks_w, sampling: Sampling,
-                config: Config, group_counts, comm) -> NoiseModel:
+                config: Config, ngroups, comm) -> NoiseModel:
     """The scale and noise shape for the next E-step (:mod:`mltomo.noise`), estimated at the
     most probable poses of this one; the same model when neither is estimated (collective)."""
     coloured = config.noise == "shell"
-    scale = config.scale_correction and len(masks_w) > 1
+    scale = config.scale_correction and len(ngroups.labels) > 1
     if not (coloured or scale):
         return noise
     Fref = _reference_transforms(work, sampling, config)
     sums = list(map_shell_sums(spectra_w, masks_w, particles.groups, results, Fref, sampling,
-                               particles.voxel_size_angstrom))
+                               particles.voxel_size_angstrom, of=ngroups.of, n_groups=len(ngroups.labels)))
     comm.allreduce_sum(sums)
-    return estimate(sums, noise, group_counts, coloured=coloured, scale=scale)
+    return estimate(sums, noise, ngroups.counts, coloured=coloured, scale=scale)
 
 
 def _tied_iterations(config: Config) -> int:

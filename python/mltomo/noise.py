@@ -3,8 +3,9 @@
 SPEC §2's model is ``X_i = e^{−2πik·t} (R A_k)(k) + n`` with white noise of variance σ² per real
 degree of freedom, seen through the weights ``w_i`` of the particle's missing region. Real
 particles are on their own intensity scale and their noise is not white (CTF, dose weighting,
-binning, masking). mltomo's general model, per mask group ``g`` (one weight volume or missing
-region, see :class:`~mltomo.model.Particles`):
+binning, masking). mltomo's general model, per noise group ``g`` (the particles of one optics
+group, ``rlnOpticsGroup``, or where the table has none, of one missing region or weight volume:
+:func:`noise_groups`):
 
     X_i(k) = s_g · e^{−2πik·t} (R A_k)(k) + n_i(k),   E|n_i(k)|² = σ² c_g(|k|) / w_i(k),
 
@@ -51,34 +52,72 @@ MIN_COMPONENTS = 24  # observed components a shell needs for its own σ² estima
 
 
 @dataclass(frozen=True)
+class NoiseGroups:
+    """The noise groups of this process's particles: ``of[i]`` the (global) noise group of
+    particle ``i``, ``labels`` every group's name (all ranks), ``counts`` their particles (all
+    ranks); ``pairs`` the (mask group, noise group) combinations this process holds and
+    ``pair_of[i]`` particle ``i``'s: each pair gets its own effective weights."""
+
+    of: np.ndarray  # (N_local,) int64
+    labels: tuple  # (Q,)
+    counts: np.ndarray  # (Q,) float64
+    pairs: np.ndarray  # (E, 2) int64: mask group, noise group
+    pair_of: np.ndarray  # (N_local,) int32
+
+
+def noise_groups(particles, comm) -> NoiseGroups:
+    """Noise groups by ``rlnOpticsGroup`` where the particle table has it, else by the mask
+    group's region label (collective: every rank gets the same labels)."""
+    table = particles.table
+    rows = np.asarray(particles.indices, dtype=np.int64)
+    if table is not None and hasattr(table, "columns") and "rlnOpticsGroup" in table.columns:
+        keys = [f"optics group {v}" for v in table["rlnOpticsGroup"].astype(str).to_numpy()[rows]]
+    else:
+        keys = [str(particles.region_labels[g]) for g in np.asarray(particles.groups)]
+    labels = tuple(sorted({k for part in comm.bcast(comm.gather(sorted(set(keys)))) for k in part}))
+    index = {k: q for q, k in enumerate(labels)}
+    of = np.array([index[k] for k in keys], dtype=np.int64)
+    counts = np.bincount(of, minlength=len(labels)).astype(np.float64)
+    comm.allreduce_sum([counts])
+    pairs, pair_of = np.unique(np.stack([np.asarray(particles.groups, np.int64), of], 1).reshape(-1, 2),
+                               axis=0, return_inverse=True)
+    return NoiseGroups(of=of, labels=labels, counts=counts, pairs=pairs.reshape(-1, 2),
+                       pair_of=np.asarray(pair_of, dtype=np.int32).reshape(-1))
+
+
+@dataclass(frozen=True)
 class NoiseModel:
-    """Per mask group ``g``: the intensity scale ``scale[g]`` and the noise shape
+    """Per noise group ``g``: the intensity scale ``scale[g]`` and the noise shape
     ``shape[g, s]`` (mean 1 over the observed components) of shells ``s = 0 .. n//2``."""
 
-    scale: np.ndarray  # (G,) s_g
-    shape: np.ndarray  # (G, n//2+1) c_g(s)
+    scale: np.ndarray  # (Q,) s_g
+    shape: np.ndarray  # (Q, n//2+1) c_g(s)
+    labels: tuple = ()  # (Q,) the groups' names (NoiseGroups.labels)
 
     @classmethod
-    def white(cls, n_groups: int, n: int) -> NoiseModel:
-        return cls(np.ones(n_groups), np.ones((n_groups, n // 2 + 1)))
+    def white(cls, labels: tuple, n: int) -> NoiseModel:
+        return cls(np.ones(len(labels)), np.ones((len(labels), n // 2 + 1)), tuple(labels))
 
     @property
     def is_identity(self) -> bool:
         return bool(np.all(self.scale == 1.0) and np.all(self.shape == 1.0))
 
-    def masks(self, masks_w: np.ndarray, n_w: int) -> np.ndarray:
-        """Effective weights ``w'_g = w_g s_g² / c_g(|k|)`` on the working box (float32)."""
+    def masks(self, masks_w: np.ndarray, n_w: int, groups: np.ndarray, ng: NoiseGroups):
+        """``(effective weights, their group of each particle)``: ``w' = w s_g² / c_g(|k|)`` on the
+        working box (float32), one per (mask group, noise group) pair; the masks and groups
+        themselves when the model is the identity."""
         if self.is_identity:
-            return masks_w
+            return masks_w, groups
         shells = _shell_index(n_w, self.shape.shape[1])
-        factor = (self.scale[:, None] ** 2 / self.shape)[:, shells]  # (G, n_w, n_w, n_w//2+1)
-        return np.ascontiguousarray(masks_w * factor, dtype=np.float32)
+        factor = (self.scale[:, None] ** 2 / self.shape)[:, shells]  # (Q, n_w, n_w, n_w//2+1)
+        eff = masks_w[ng.pairs[:, 0]] * factor[ng.pairs[:, 1]]
+        return np.ascontiguousarray(eff, dtype=np.float32), ng.pair_of
 
-    def data(self, spectra_w: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    def data(self, spectra_w: np.ndarray, ng: NoiseGroups) -> np.ndarray:
         """``X' = X / s_g`` (the input itself when every scale is 1)."""
         if np.all(self.scale == 1.0):
             return spectra_w
-        inv = (1.0 / self.scale[np.asarray(groups)]).astype(np.float32)
+        inv = (1.0 / self.scale[ng.of]).astype(np.float32)
         return spectra_w * inv[:, None, None, None]
 
     def sigma2_shells(self, sigma2: float) -> np.ndarray:
@@ -106,14 +145,17 @@ def scale_full_weights(Mfull: np.ndarray, noise: NoiseModel, group_counts: np.nd
     return Mfull * ((1 - f) * mean[lo] + f * mean[hi])[None]
 
 
-def map_shell_sums(spectra_w, masks_w, groups, results, Fref, sampling, voxel_size):
-    """``(a, b, e, m)`` each ``(G, n//2+1)``: the per-shell sums of the module docstring over this
+def map_shell_sums(spectra_w, masks_w, groups, results, Fref, sampling, voxel_size, of=None, n_groups=None):
+    """``(a, b, e, m)`` each ``(Q, n//2+1)``: the per-shell sums of the module docstring over this
     process's particles at their most probable poses (``results``: their
-    :class:`~mltomo.model.ParticleResults`; ``Fref`` the E-step's padded reference transforms)."""
+    :class:`~mltomo.model.ParticleResults`; ``Fref`` the E-step's padded reference transforms),
+    particle ``i`` seen through ``masks_w[groups[i]]`` and summed into noise group ``of[i]``
+    (default: its mask group)."""
     from mltomo import _core, geometry
 
     n_w = sampling.n_w
-    G = masks_w.shape[0]
+    of = np.asarray(groups if of is None else of, dtype=np.int64)
+    G = masks_w.shape[0] if n_groups is None else int(n_groups)
     S = sampling.n // 2 + 1
     shells = _shell_index(n_w, S).ravel()
     hw = sampling.working_weights().ravel()
@@ -124,15 +166,15 @@ def map_shell_sums(spectra_w, masks_w, groups, results, Fref, sampling, voxel_si
     R = geometry.euler_to_matrix(*np.asarray(results.angles, dtype=np.float64).T).reshape(-1, 3, 3)
     classes = np.asarray(results.classes, dtype=np.int64) - 1
     for i in range(len(data)):
-        g = int(groups[i])
+        g, q = int(groups[i]), int(of[i])
         pred = _core.rotate_forward(Fref[classes[i]], sampling.pad, np.ascontiguousarray(R[i]), n_w,
                                     sampling.radius).ravel()
         x = data[i].ravel()
         hwi = hw * masks_w[g].ravel()
-        a[g] += np.bincount(shells, hwi * (x.conj() * pred).real, S)
-        b[g] += np.bincount(shells, hwi * np.abs(pred) ** 2, S)
-        e[g] += np.bincount(shells, hwi * np.abs(x) ** 2, S)
-        m[g] += np.bincount(shells, hw * (masks_w[g].ravel() > 0), S)
+        a[q] += np.bincount(shells, hwi * (x.conj() * pred).real, S)
+        b[q] += np.bincount(shells, hwi * np.abs(pred) ** 2, S)
+        e[q] += np.bincount(shells, hwi * np.abs(x) ** 2, S)
+        m[q] += np.bincount(shells, hw * (masks_w[g].ravel() > 0), S)
     return a, b, e, m
 
 
@@ -156,7 +198,7 @@ def estimate(sums, noise: NoiseModel, group_counts, *, coloured: bool, scale: bo
         total = float((sig * m).sum() / max(m.sum(), 1.0))
         if total > 0:
             shape = np.where(sig > 0, sig / total, 1.0)
-    return NoiseModel(scale=s, shape=shape)
+    return NoiseModel(scale=s, shape=shape, labels=noise.labels)
 
 
 def _fill_sparse(sig: np.ndarray, m: np.ndarray) -> np.ndarray:

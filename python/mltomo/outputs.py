@@ -134,7 +134,7 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
 
 
 def _noise_tables(model: Model, particles, voxel: float):
-    """``model_groups`` (each mask group's region and intensity scale, RELION's
+    """``model_groups`` (each noise group's name and intensity scale, RELION's
     ``rlnGroupScaleCorrection``) and ``model_noise`` (σ²(shell) per group: ``rlnSigma2Noise``,
     per real degree of freedom, with the shape ``c_g`` the E-step divides the weights by)."""
     import pandas as pd
@@ -143,7 +143,8 @@ def _noise_tables(model: Model, particles, voxel: float):
     G, S = noise.shape.shape
     groups = pd.DataFrame({
         "rlnGroupNumber": np.arange(1, G + 1),
-        "mltomoRegion": [str(r) for r in particles.region_labels],
+        "rlnGroupName": [str(r).replace(" ", "_") for r in noise.labels] if len(noise.labels) == G
+        else [f"group{g + 1}" for g in range(G)],
         "rlnGroupScaleCorrection": [repr(float(x)) for x in noise.scale],
     })
     sig = noise.sigma2_shells(model.sigma2)
@@ -167,7 +168,7 @@ def _read_noise(blocks):
     g, t = blocks["model_groups"], blocks["model_noise"]
     scale = g["rlnGroupScaleCorrection"].to_numpy(np.float64)
     shape = t["mltomoNoiseShape"].to_numpy(np.float64).reshape(len(scale), -1)
-    return NoiseModel(scale=scale, shape=shape)
+    return NoiseModel(scale=scale, shape=shape)  # run_em names the groups
 
 
 def data_blocks(particles, table) -> dict:

@@ -12,7 +12,9 @@
   projection (longitude ``rlnAngleRot``, latitude ``90° - rlnAngleTilt``), one colour per
   class;
 * ``posteriors.png`` -- histograms of ``rlnMaxValueProbDistribution`` (per class) and of
-  ``rlnNrOfSignificantSamples``.
+  ``rlnNrOfSignificantSamples``;
+* ``noise.png`` -- the noise power σ²(shell) of every noise group of the last iteration
+  (``data_model_noise``; flat for ``--noise white``).
 
 Slices are taken through voxel ``n // 2`` (the rotation centre, see :mod:`mltomo.geometry`)
 and shown with density bright, ``x`` (or ``y`` for yz) to the right and ``y`` (or ``z``)
@@ -93,8 +95,10 @@ def _read_model(run_dir, it: int) -> dict:
     for m in maps:
         if not m.is_file():
             raise ReportError(f"{m}: no such file (named in {path.name})")
+    noise = blocks.get("model_noise")
     return {
         "iteration": it,
+        "noise": noise if noise is not None and hasattr(noise, "columns") else None,
         "log_likelihood": number("rlnLogLikelihood"),
         "sigma": number("mltomoSigmaNoise"),
         "xi_angstrom": number("rlnSigmaOffsetsAngst"),
@@ -397,7 +401,33 @@ def write_report(run_dir, out_dir=None) -> list[Path]:
         plot_convergence(run_dir, models, out / "convergence.png"),
         plot_orientations(run_dir, df, last, out / "orientations.png"),
         plot_posteriors(run_dir, df, last, out / "posteriors.png"),
-    ]
+    ] + ([plot_noise(run_dir, models[-1], out / "noise.png")] if models[-1]["noise"] is not None else [])
+
+
+def plot_noise(run_dir, model: dict, path) -> Path:
+    """σ²(shell) of every noise group (``model_noise``) against resolution, log scale."""
+    t = model["noise"]
+    groups = np.asarray(t["rlnGroupNumber"], dtype=np.int64)
+    res = np.asarray(t["rlnResolution"], dtype=np.float64)
+    sig = np.asarray(t["rlnSigma2Noise"], dtype=np.float64)
+    fig = _figure(6.0, 4.0, layout="constrained")
+    ax = fig.subplots()
+    ids = np.unique(groups)
+    colours = _class_colours(min(len(ids), 10))
+    for j, g in enumerate(ids[:10]):
+        sel = (groups == g) & (res > 0)
+        ax.plot(res[sel], sig[sel], "o-", markersize=2, color=colours[j], label=f"group {g}")
+    if len(ids) > 10:
+        for g in ids[10:]:
+            sel = (groups == g) & (res > 0)
+            ax.plot(res[sel], sig[sel], "-", color="0.7", linewidth=0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("resolution (1/Å)", fontsize=9)
+    ax.set_ylabel("σ² per Fourier component", fontsize=9)
+    ax.set_title(f"{Path(run_dir).name}: noise power, iteration {model['iteration']}"
+                 + (f" ({len(ids)} groups, first 10 coloured)" if len(ids) > 10 else ""), fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
 
 
 def _class_frame(R_found: np.ndarray, R_true: np.ndarray) -> np.ndarray:
