@@ -3,6 +3,8 @@ first iteration of a reference-free start (SPEC §5, "Initial references")."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from mltomo import geometry
@@ -147,11 +149,16 @@ def estep_seeded(seeds, Fref, sampling: Sampling, data_w, masks_w, groups, rotat
     return sums, scores, counters
 
 
+SCALE_SAMPLING_DEG = 20.0
+
+
 def reference_scale(refs, particles, spectra_w, masks_w, sampling: Sampling, config: Config, comm) -> float:
     """The least-squares scale ``s = Σ a / Σ b`` (:mod:`mltomo.noise`) that brings given
     references to the particles' intensities, at each particle's best pose by constrained
     cross-correlation (which no scale changes), over the first iteration's search. 1 when the
-    fit is undefined (no particle, or no positive correlation)."""
+    fit is undefined (no particle, or no positive correlation). A global search is made at
+    ``SCALE_SAMPLING_DEG`` (or the run's sampling, if coarser): poses ~10° off lower the fit by
+    a few per cent, and the M-step brings the references to the data's scale from then on."""
     from types import SimpleNamespace
 
     from mltomo.noise import map_shell_sums
@@ -159,6 +166,8 @@ def reference_scale(refs, particles, spectra_w, masks_w, sampling: Sampling, con
     from mltomo.sampling import search_space
 
     voxel = particles.voxel_size_angstrom
+    if config.angular_range_deg is None and config.rotations is None:  # a global search: coarse poses will do
+        config = replace(config, angular_sampling_deg=max(config.angular_sampling_deg, SCALE_SAMPLING_DEG))
     rotations, rot_mask, pre_shift = search_space(config, 1, geometry.symmetry_group(config.sym), particles, None)
     data_w = spectra_w if pre_shift is None else sampling.apply_shifts(spectra_w, pre_shift)
     Fref = reference_transforms(refs, sampling.pad, sampling.P_w, config.gridding)
