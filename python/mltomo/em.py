@@ -204,6 +204,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     """
     comm = comm or SerialComm()
     check_inputs(particles, config, comm, focus=focus)
+    config = _mode_for_weights(particles, config, comm)
     voxel = particles.voxel_size_angstrom
     sampling = Sampling.create(particles.box, voxel, config)
     group = geometry.symmetry_group(config.sym)
@@ -332,6 +333,24 @@ def _first_split(model: Model, results: ParticleResults, particles, spectra_w, m
     model = replace(model, alpha=W / N, class_weights=W)
     results = replace(results, classes=seeds + 1, class_posteriors=np.eye(K)[seeds])
     return seeds, model, results
+
+
+def _mode_for_weights(particles, config: Config, comm) -> Config:
+    """``ml`` with continuous weights (CTF², tilt-stack weights) runs as ``ml-wa``: the paper's
+    imputation ``A ← A + (S − M A)/M_full`` reads ``w`` as the fraction of a component observed,
+    which a CTF² weight is not (measured on the 40 real RELION 5 particles, local search: the
+    log-likelihood fell every iteration and the median error grew from 6.8° to 10.1°, against
+    6.8° → 8.0° with rising log-likelihood for weighted averaging, whose fixed point
+    ``Σ w X / Σ w`` both share). Collective."""
+    if config.mode != "ml":
+        return config
+    m = np.asarray(particles.masks)
+    local = float(np.any((m > 1e-6) & (m < 1 - 1e-6))) if m.size else 0.0
+    if comm.sum(local) == 0:
+        return config
+    if comm.rank == 0:
+        log.info("continuous weights: the M-step averages with them (--mode ml-wa); the E-step is ML")
+    return replace(config, mode="ml-wa")
 
 
 def _next_noise(noise: NoiseModel, work: Model, results, particles, spectra_w, masks_w, sampling: Sampling,
