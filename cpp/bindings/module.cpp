@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 #include <omp.h>
 
+#include <cmath>
 #include <complex>
 #include <cstdint>
 #include <memory>
@@ -17,6 +18,7 @@
 #include "mltomo/fft_plan.hpp"
 #include "mltomo/fourier_grid.hpp"
 #include "mltomo/interp.hpp"
+#include "mltomo/shift_scores.hpp"
 
 namespace py = pybind11;
 using mltomo::cdouble;
@@ -234,6 +236,76 @@ double bench_c2r(int n, long count, int nthreads) {
   return omp_get_wtime() - t0;
 }
 
+// The pruned kernel on its own: correlations at `shifts` (T, 3) of the cross spectrum
+// wx conj(ref) given on an arbitrary half-spectrum frequency list (kx, ky, kz, hweight: (J,)).
+// For tests against numpy's irfftn.
+py::array_t<float> shift_correlations(int n, py::handle kx, py::handle ky, py::handle kz, py::handle hweight,
+                                      py::handle shifts, py::handle wx, py::handle ref) {
+  const py::ssize_t J = dim<std::int32_t>(kx, "kx", 1, 0), T = dim<std::int32_t>(shifts, "shifts", 2, 0);
+  mltomo::FrequencyList f;
+  f.n = n;
+  f.J = static_cast<std::size_t>(J);
+  f.kx = checked<std::int32_t>(kx, "kx", {J});
+  f.ky = checked<std::int32_t>(ky, "ky", {J});
+  f.kz = checked<std::int32_t>(kz, "kz", {J});
+  f.hweight = checked<float>(hweight, "hweight", {J});
+  const std::int32_t* s = checked<std::int32_t>(shifts, "shifts", {T, 3});
+  const cfloat* a = checked<cfloat>(wx, "wx", {J});
+  const cfloat* b = checked<cfloat>(ref, "ref", {J});
+  py::array_t<float> out(T);
+  float* o = out.mutable_data();
+  py::gil_scoped_release release;
+  const mltomo::ShiftScorer k(f, s, static_cast<int>(T));
+  auto la = mltomo::aligned_array<float>(k.layout_size()), lb = mltomo::aligned_array<float>(k.layout_size());
+  auto scratch = mltomo::aligned_array<float>(k.scratch_size());
+  k.to_layout(a, la.get());
+  k.to_layout(b, lb.get());
+  k.score(la.get(), lb.get(), scratch.get(), o);
+  return out;
+}
+
+// `count` pruned-kernel scores (cross spectrum included) of the working set |k| <= radius of an
+// n^3 box at the shifts within +-max_shift, on `nthreads` threads, as the E-step calls them.
+// Returns {"seconds", "cost", "fft_cost"}. For benchmarks, beside bench_c2r.
+py::dict bench_shift_scores(int n, double radius, int max_shift, long count, int nthreads) {
+  const mltomo::WorkingSet ws = mltomo::make_working_set(n, radius);
+  std::vector<std::int32_t> shifts;
+  for (int z = -max_shift; z <= max_shift; ++z)
+    for (int y = -max_shift; y <= max_shift; ++y)
+      for (int x = -max_shift; x <= max_shift; ++x) shifts.insert(shifts.end(), {x, y, z});
+  const int T = static_cast<int>(shifts.size() / 3);
+  const mltomo::ShiftScorer k({n, ws.kx.data(), ws.ky.data(), ws.kz.data(), ws.hweight.data(), ws.size()},
+                              shifts.data(), T);
+  std::vector<cfloat> v(ws.size());
+  for (std::size_t j = 0; j < v.size(); ++j) v[j] = cfloat(std::cos(0.1f * j), std::sin(0.3f * j));
+  auto wx = mltomo::aligned_array<float>(k.layout_size());
+  k.to_layout(v.data(), wx.get());
+  const int nt = thread_count(nthreads);
+  double seconds = 0;
+  {
+    py::gil_scoped_release release;
+    const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(nt)
+    {
+      auto ref = mltomo::aligned_array<float>(k.layout_size());
+      auto scratch = mltomo::aligned_array<float>(k.scratch_size());
+      std::vector<float> cross(T);
+      k.to_layout(v.data(), ref.get());
+#pragma omp for schedule(dynamic, 16)
+      for (long q = 0; q < count; ++q) {
+        ref[q % k.layout_size()] += 1e-3f;  // a new reference each time, as in the E-step
+        k.score(wx.get(), ref.get(), scratch.get(), cross.data());
+      }
+    }
+    seconds = omp_get_wtime() - t0;
+  }
+  py::dict d;
+  d["seconds"] = seconds;
+  d["cost"] = k.cost();
+  d["fft_cost"] = mltomo::ShiftScorer::fft_cost(n);
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -258,4 +330,9 @@ PYBIND11_MODULE(_core, m) {
            py::arg("rot_mask") = py::none(), py::arg("class_offsets") = py::none(),
            "Scores a chunk, adds into sums.W/S/M/Mfull/scalars, returns {'scores': {...}, 'counters': {...}}.");
   m.def("bench_c2r", &bench_c2r, py::arg("n"), py::arg("count"), py::arg("nthreads") = 0);
+  m.def("shift_correlations", &shift_correlations, py::kw_only(), py::arg("n"), py::arg("kx"), py::arg("ky"),
+        py::arg("kz"), py::arg("hweight"), py::arg("shifts"), py::arg("wx"), py::arg("ref"),
+        "The pruned kernel alone: sum_j h_j Re(wx_j conj(ref_j) e^{+2 pi i k_j.t/n}) at each shift t (T,).");
+  m.def("bench_shift_scores", &bench_shift_scores, py::arg("n"), py::arg("radius"), py::arg("max_shift"),
+        py::arg("count"), py::arg("nthreads") = 0);
 }
