@@ -125,7 +125,8 @@ class PyEStepPlan {
  public:
   PyEStepPlan(py::handle refs, double pad, py::handle masks, double radius, py::handle rotations,
               py::handle shifts, py::handle log_prior_shift, py::handle log_alpha, double sigma2,
-              const std::string& mode, double prune, int nthreads, int rot_block, double rotated_cache_bytes) {
+              const std::string& mode, double prune, int nthreads, int rot_block, double rotated_cache_bytes,
+              const std::string& kernel) {
     mltomo::EStepSetup st;
     const py::ssize_t K = dim<cfloat>(refs, "refs", 4, 0), P = dim<cfloat>(refs, "refs", 4, 1);
     st.refs = checked<cfloat>(refs, "refs", {K, P, P, P / 2 + 1});
@@ -151,6 +152,11 @@ class PyEStepPlan {
     st.nthreads = thread_count(nthreads);
     st.rot_block = rot_block;
     st.rotated_cache_bytes = rotated_cache_bytes;
+    if (kernel != "auto" && kernel != "fft" && kernel != "pruned")
+      throw py::value_error("kernel must be 'auto', 'fft' or 'pruned', got '" + kernel + "'");
+    st.kernel = kernel == "fft"      ? mltomo::ShiftKernel::Fft
+                : kernel == "pruned" ? mltomo::ShiftKernel::Pruned
+                                     : mltomo::ShiftKernel::Auto;
     refs_ = py::reinterpret_borrow<py::array>(refs);
     masks_ = py::reinterpret_borrow<py::array>(masks);
     py::gil_scoped_release release;
@@ -202,6 +208,7 @@ class PyEStepPlan {
     counters["samples"] = c.samples;
     counters["kept"] = c.kept;
     counters["maps_pruned"] = c.maps_pruned;
+    counters["maps_pruned_kernel"] = c.maps_pruned_kernel;
     counters["seconds_rotate"] = c.seconds_rotate;
     counters["seconds_score"] = c.seconds_score;
     counters["seconds_accumulate"] = c.seconds_accumulate;
@@ -210,6 +217,8 @@ class PyEStepPlan {
     result["counters"] = counters;
     return result;
   }
+
+  std::string kernel() const { return plan_->kernel() == mltomo::ShiftKernel::Pruned ? "pruned" : "fft"; }
 
  private:
   py::array refs_, masks_;
@@ -321,11 +330,13 @@ PYBIND11_MODULE(_core, m) {
                           "What the E-step of one iteration keeps across chunks of particles: working set, FFT "
                           "plan, shift tables, rotated references. Borrows refs and masks (keep them unchanged).")
       .def(py::init<py::handle, double, py::handle, double, py::handle, py::handle, py::handle, py::handle, double,
-                    const std::string&, double, int, int, double>(),
+                    const std::string&, double, int, int, double, const std::string&>(),
            py::kw_only(), py::arg("refs"), py::arg("pad"), py::arg("masks"), py::arg("radius"), py::arg("rotations"),
            py::arg("shifts"), py::arg("log_prior_shift"), py::arg("log_alpha"), py::arg("sigma2"),
            py::arg("mode") = "ml", py::arg("prune") = 1e-8, py::arg("nthreads") = 0, py::arg("rot_block") = 32,
-           py::arg("rotated_cache_bytes") = 256.0 * (1 << 20))
+           py::arg("rotated_cache_bytes") = 256.0 * (1 << 20), py::arg("kernel") = "auto")
+      .def_property_readonly("kernel", &PyEStepPlan::kernel,
+                             "'fft' or 'pruned': how this plan scores the shifts ('auto' resolved).")
       .def("run", &PyEStepPlan::run, py::kw_only(), py::arg("particles"), py::arg("groups"), py::arg("sums"),
            py::arg("rot_mask") = py::none(), py::arg("class_offsets") = py::none(),
            "Scores a chunk, adds into sums.W/S/M/Mfull/scalars, returns {'scores': {...}, 'counters': {...}}.");

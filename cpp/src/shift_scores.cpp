@@ -14,7 +14,7 @@ constexpr double kTwoPi = 6.283185307179586476925286766559;
 constexpr int kL = ShiftScorer::kLanes, kV = ShiftScorer::kVec;
 // A c2r of N points costs about this many of plan_cost()'s units per N log2 N (calibrated
 // with bench/bench_kernel.py against the system FFTW).
-constexpr double kFftCostPerPoint = 1.0;
+constexpr double kFftCostPerPoint = 0.4;
 
 // Eight floats; GCC and Clang lower the arithmetic to whatever SIMD the target has. The helpers
 // are always inlined, so each clone of the stages (AVX2 + FMA, or the baseline) gets its own
@@ -301,6 +301,14 @@ void ShiftScorer::score(const float* wx, const float* ref, float* scratch, float
   stage2(Y, V, tmp);
   stage3(V, box);
   for (int t = 0; t < T_; ++t) cross[t] = box[box_index_[t]];
+}
+
+bool ShiftScorer::simd() {
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__) && !defined(MLTOMO_NO_CLONES)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
 }
 
 double ShiftScorer::fft_cost(int n) {

@@ -79,6 +79,8 @@ class ShiftScorer {
   // the same units (calibrated on the bench, bench/bench_kernel.py).
   double cost() const { return cost_; }
   static double fft_cost(int n);
+  // Whether the AVX2 + FMA build of the stages runs here (else the slower baseline one).
+  static bool simd();
 
  private:
   void plan_blocks(const FrequencyList& f);
