@@ -13,7 +13,6 @@ machine's load average before and after. Target (issue 13): kernel / c2r ≤ 0.4
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -37,9 +36,9 @@ def kernel_vs_c2r(n: int, max_shift: int, count: int, repeats: int, threads: int
 
 
 def estep_per_iteration(args, threads: int) -> dict:
-    """seconds_estep of every iteration of run_em on the standard workload, once per kernel per
-    repeat (alternating); the E-step's `kernel` is forced by wrapping mltomo.estep.estep where
-    the EM driver calls it."""
+    """Per kernel, per iteration (lists over the alternating repeats): run_em's seconds_estep and
+    the core's seconds in rotate / score / accumulate, on the standard workload. The E-step's
+    `kernel` is forced by wrapping mltomo.estep.estep where the EM driver calls it."""
     import mltomo.em as em
     import mltomo.initial as initial
     from mltomo.estep import estep
@@ -52,7 +51,9 @@ def estep_per_iteration(args, threads: int) -> dict:
     parts = particles_from_arrays(sim.volumes, sim.voxel_size, sim.missing_region)
     cfg = Config(n_classes=args.classes, iterations=args.estep_iterations, angular_sampling_deg=args.sampling,
                  max_shift_voxels=3, threads=threads, seed=0, eps=0)
-    out = {k: {"seconds_estep": [], "seconds_score": [], "maps_pruned_kernel": 0} for k in ("fft", "pruned")}
+    keys = ("seconds_estep", "seconds_rotate", "seconds_score", "seconds_accumulate")
+    out = {k: {"iterations": [{key: [] for key in keys} for _ in range(args.estep_iterations)],
+               "maps_pruned_kernel": 0} for k in ("fft", "pruned")}
     for _ in range(args.estep_repeats):
         for kernel in ("fft", "pruned"):
             calls = []
@@ -62,25 +63,26 @@ def estep_per_iteration(args, threads: int) -> dict:
                 calls.append(res[2])
                 return res
 
+            def collect(stats, model, results, store=out[kernel], calls=calls):
+                it = store["iterations"][stats.iteration - 1]
+                it["seconds_estep"].append(round(stats.seconds_estep, 2))
+                for key in keys[1:]:
+                    it[key].append(round(sum(c[key] for c in calls), 2))
+                store["maps_pruned_kernel"] += sum(c["maps_pruned_kernel"] for c in calls)
+                store["rotations"] = stats.n_rotations
+                calls.clear()
+
             em.estep, initial.estep = forced, forced
             try:
-                em.run_em(parts, cfg, callback=functools.partial(_collect, out[kernel]))
+                em.run_em(parts, cfg, callback=collect)
             finally:
                 em.estep, initial.estep = estep, estep
-            out[kernel]["seconds_score"].append(round(sum(c["seconds_score"] for c in calls), 3))
-            out[kernel]["maps_pruned_kernel"] += sum(c["maps_pruned_kernel"] for c in calls)
-    for k in out:
-        out[k]["median_seconds_estep"] = round(statistics.median(out[k]["seconds_estep"]), 3)
-    out["speedup"] = round(out["fft"]["median_seconds_estep"] / out["pruned"]["median_seconds_estep"], 3)
+    last = [out[k]["iterations"][-1]["seconds_estep"] for k in ("fft", "pruned")]
+    out["speedup_last_iteration"] = round(statistics.median(last[0]) / statistics.median(last[1]), 2)
     out["workload"] = {"box": 32, "particles": args.particles, "classes": args.classes, "sampling_deg": args.sampling,
                        "max_shift": 3, "iterations": args.estep_iterations, "repeats": args.estep_repeats,
                        "threads": threads}
     return out
-
-
-def _collect(store, stats, model, results):
-    store["seconds_estep"].append(round(stats.seconds_estep, 3))
-    store["rotations"] = stats.n_rotations
 
 
 def main(argv=None):
