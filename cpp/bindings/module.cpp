@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 #include <omp.h>
 
+#include <cmath>
 #include <complex>
 #include <cstdint>
 #include <memory>
@@ -17,6 +18,7 @@
 #include "mltomo/fft_plan.hpp"
 #include "mltomo/fourier_grid.hpp"
 #include "mltomo/interp.hpp"
+#include "mltomo/shift_scores.hpp"
 
 namespace py = pybind11;
 using mltomo::cdouble;
@@ -123,7 +125,8 @@ class PyEStepPlan {
  public:
   PyEStepPlan(py::handle refs, double pad, py::handle masks, double radius, py::handle rotations,
               py::handle shifts, py::handle log_prior_shift, py::handle log_alpha, double sigma2,
-              const std::string& mode, double prune, int nthreads, int rot_block, double rotated_cache_bytes) {
+              const std::string& mode, double prune, int nthreads, int rot_block, double rotated_cache_bytes,
+              const std::string& kernel) {
     mltomo::EStepSetup st;
     const py::ssize_t K = dim<cfloat>(refs, "refs", 4, 0), P = dim<cfloat>(refs, "refs", 4, 1);
     st.refs = checked<cfloat>(refs, "refs", {K, P, P, P / 2 + 1});
@@ -149,6 +152,11 @@ class PyEStepPlan {
     st.nthreads = thread_count(nthreads);
     st.rot_block = rot_block;
     st.rotated_cache_bytes = rotated_cache_bytes;
+    if (kernel != "auto" && kernel != "fft" && kernel != "pruned")
+      throw py::value_error("kernel must be 'auto', 'fft' or 'pruned', got '" + kernel + "'");
+    st.kernel = kernel == "fft"      ? mltomo::ShiftKernel::Fft
+                : kernel == "pruned" ? mltomo::ShiftKernel::Pruned
+                                     : mltomo::ShiftKernel::Auto;
     refs_ = py::reinterpret_borrow<py::array>(refs);
     masks_ = py::reinterpret_borrow<py::array>(masks);
     py::gil_scoped_release release;
@@ -200,6 +208,7 @@ class PyEStepPlan {
     counters["samples"] = c.samples;
     counters["kept"] = c.kept;
     counters["maps_pruned"] = c.maps_pruned;
+    counters["maps_pruned_kernel"] = c.maps_pruned_kernel;
     counters["seconds_rotate"] = c.seconds_rotate;
     counters["seconds_score"] = c.seconds_score;
     counters["seconds_accumulate"] = c.seconds_accumulate;
@@ -208,6 +217,8 @@ class PyEStepPlan {
     result["counters"] = counters;
     return result;
   }
+
+  std::string kernel() const { return plan_->kernel() == mltomo::ShiftKernel::Pruned ? "pruned" : "fft"; }
 
  private:
   py::array refs_, masks_;
@@ -234,6 +245,76 @@ double bench_c2r(int n, long count, int nthreads) {
   return omp_get_wtime() - t0;
 }
 
+// The pruned kernel on its own: correlations at `shifts` (T, 3) of the cross spectrum
+// wx conj(ref) given on an arbitrary half-spectrum frequency list (kx, ky, kz, hweight: (J,)).
+// For tests against numpy's irfftn.
+py::array_t<float> shift_correlations(int n, py::handle kx, py::handle ky, py::handle kz, py::handle hweight,
+                                      py::handle shifts, py::handle wx, py::handle ref) {
+  const py::ssize_t J = dim<std::int32_t>(kx, "kx", 1, 0), T = dim<std::int32_t>(shifts, "shifts", 2, 0);
+  mltomo::FrequencyList f;
+  f.n = n;
+  f.J = static_cast<std::size_t>(J);
+  f.kx = checked<std::int32_t>(kx, "kx", {J});
+  f.ky = checked<std::int32_t>(ky, "ky", {J});
+  f.kz = checked<std::int32_t>(kz, "kz", {J});
+  f.hweight = checked<float>(hweight, "hweight", {J});
+  const std::int32_t* s = checked<std::int32_t>(shifts, "shifts", {T, 3});
+  const cfloat* a = checked<cfloat>(wx, "wx", {J});
+  const cfloat* b = checked<cfloat>(ref, "ref", {J});
+  py::array_t<float> out(T);
+  float* o = out.mutable_data();
+  py::gil_scoped_release release;
+  const mltomo::ShiftScorer k(f, s, static_cast<int>(T));
+  auto la = mltomo::aligned_array<float>(k.layout_size()), lb = mltomo::aligned_array<float>(k.layout_size());
+  auto scratch = mltomo::aligned_array<float>(k.scratch_size());
+  k.to_layout(a, la.get());
+  k.to_layout(b, lb.get());
+  k.score(la.get(), lb.get(), scratch.get(), o);
+  return out;
+}
+
+// `count` pruned-kernel scores (cross spectrum included) of the working set |k| <= radius of an
+// n^3 box at the shifts within +-max_shift, on `nthreads` threads, as the E-step calls them.
+// Returns {"seconds", "cost", "fft_cost"}. For benchmarks, beside bench_c2r.
+py::dict bench_shift_scores(int n, double radius, int max_shift, long count, int nthreads) {
+  const mltomo::WorkingSet ws = mltomo::make_working_set(n, radius);
+  std::vector<std::int32_t> shifts;
+  for (int z = -max_shift; z <= max_shift; ++z)
+    for (int y = -max_shift; y <= max_shift; ++y)
+      for (int x = -max_shift; x <= max_shift; ++x) shifts.insert(shifts.end(), {x, y, z});
+  const int T = static_cast<int>(shifts.size() / 3);
+  const mltomo::ShiftScorer k({n, ws.kx.data(), ws.ky.data(), ws.kz.data(), ws.hweight.data(), ws.size()},
+                              shifts.data(), T);
+  std::vector<cfloat> v(ws.size());
+  for (std::size_t j = 0; j < v.size(); ++j) v[j] = cfloat(std::cos(0.1f * j), std::sin(0.3f * j));
+  auto wx = mltomo::aligned_array<float>(k.layout_size());
+  k.to_layout(v.data(), wx.get());
+  const int nt = thread_count(nthreads);
+  double seconds = 0;
+  {
+    py::gil_scoped_release release;
+    const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(nt)
+    {
+      auto ref = mltomo::aligned_array<float>(k.layout_size());
+      auto scratch = mltomo::aligned_array<float>(k.scratch_size());
+      std::vector<float> cross(T);
+      k.to_layout(v.data(), ref.get());
+#pragma omp for schedule(dynamic, 16)
+      for (long q = 0; q < count; ++q) {
+        ref[q % k.layout_size()] += 1e-3f;  // a new reference each time, as in the E-step
+        k.score(wx.get(), ref.get(), scratch.get(), cross.data());
+      }
+    }
+    seconds = omp_get_wtime() - t0;
+  }
+  py::dict d;
+  d["seconds"] = seconds;
+  d["cost"] = k.cost();
+  d["fft_cost"] = mltomo::ShiftScorer::fft_cost(n);
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -249,13 +330,20 @@ PYBIND11_MODULE(_core, m) {
                           "What the E-step of one iteration keeps across chunks of particles: working set, FFT "
                           "plan, shift tables, rotated references. Borrows refs and masks (keep them unchanged).")
       .def(py::init<py::handle, double, py::handle, double, py::handle, py::handle, py::handle, py::handle, double,
-                    const std::string&, double, int, int, double>(),
+                    const std::string&, double, int, int, double, const std::string&>(),
            py::kw_only(), py::arg("refs"), py::arg("pad"), py::arg("masks"), py::arg("radius"), py::arg("rotations"),
            py::arg("shifts"), py::arg("log_prior_shift"), py::arg("log_alpha"), py::arg("sigma2"),
            py::arg("mode") = "ml", py::arg("prune") = 1e-8, py::arg("nthreads") = 0, py::arg("rot_block") = 32,
-           py::arg("rotated_cache_bytes") = 256.0 * (1 << 20))
+           py::arg("rotated_cache_bytes") = 256.0 * (1 << 20), py::arg("kernel") = "auto")
+      .def_property_readonly("kernel", &PyEStepPlan::kernel,
+                             "'fft' or 'pruned': how this plan scores the shifts ('auto' resolved).")
       .def("run", &PyEStepPlan::run, py::kw_only(), py::arg("particles"), py::arg("groups"), py::arg("sums"),
            py::arg("rot_mask") = py::none(), py::arg("class_offsets") = py::none(),
            "Scores a chunk, adds into sums.W/S/M/Mfull/scalars, returns {'scores': {...}, 'counters': {...}}.");
   m.def("bench_c2r", &bench_c2r, py::arg("n"), py::arg("count"), py::arg("nthreads") = 0);
+  m.def("shift_correlations", &shift_correlations, py::kw_only(), py::arg("n"), py::arg("kx"), py::arg("ky"),
+        py::arg("kz"), py::arg("hweight"), py::arg("shifts"), py::arg("wx"), py::arg("ref"),
+        "The pruned kernel alone: sum_j h_j Re(wx_j conj(ref_j) e^{+2 pi i k_j.t/n}) at each shift t (T,).");
+  m.def("bench_shift_scores", &bench_shift_scores, py::arg("n"), py::arg("radius"), py::arg("max_shift"),
+        py::arg("count"), py::arg("nthreads") = 0);
 }

@@ -144,6 +144,7 @@ EStepPlan::EStepPlan(const EStepSetup& setup)
   s_.shifts = shifts_.data();
   s_.rot_block = std::max(1, s_.rot_block);
   build_shift_tables();
+  choose_kernel();
   const std::size_t J = ws_.size(), K = s_.K, G = s_.G;
   // sum_j hweight w_gj |R A|^2 depends on the particle only through its mask group: cache it
   // per (class, rotation, group) when there are few groups.
@@ -153,10 +154,12 @@ EStepPlan::EStepPlan(const EStepSetup& setup)
     for (std::size_t gi = 0; gi < G; ++gi)
       for (std::size_t j = 0; j < J; ++j) group_w_[gi * J + j] = s_.masks[gi * ws_.half_size() + ws_.index[j]];
   }
-  const double per_rotation = double(K) * (J * sizeof(cfloat) + (cache_norms_ ? G * sizeof(double) : 0));
+  const double per_rotation =
+      double(K) * (J * sizeof(cfloat) + klayout_ * sizeof(float) + (cache_norms_ ? G * sizeof(double) : 0));
   cache_rotated_ = per_rotation * s_.R <= s_.rotated_cache_bytes;
   slots_ = cache_rotated_ ? s_.R : std::min(s_.R, s_.rot_block);
   rotated_.resize(K * slots_ * J);
+  kernel_refs_.resize(K * slots_ * klayout_);
   norm_cache_.resize(cache_norms_ ? K * slots_ * G : 0);
   rotated_ready_.assign(s_.R, 0);
 }
@@ -190,6 +193,17 @@ void EStepPlan::build_shift_tables() {
   }
 }
 
+// The pruned kernel when asked for, or (Auto) when its cost model beats one c2r of the working
+// box; its baseline (non-AVX2) build is about 12x slower and is only chosen when asked for.
+void EStepPlan::choose_kernel() {
+  if (s_.kernel == ShiftKernel::Fft) return;
+  const FrequencyList f{s_.n, ws_.kx.data(), ws_.ky.data(), ws_.kz.data(), ws_.hweight.data(), ws_.size()};
+  pruned_ = std::make_unique<ShiftScorer>(f, s_.shifts, s_.T);
+  const double cost = pruned_->cost() * (ShiftScorer::simd() ? 1.0 : 12.0);
+  if (s_.kernel == ShiftKernel::Auto && !(cost < ShiftScorer::fft_cost(s_.n))) pruned_.reset();
+  klayout_ = pruned_ ? pruned_->layout_size() : 0;
+}
+
 std::size_t EStepPlan::slot(int k, int r, int r0) const {
   return static_cast<std::size_t>(k) * slots_ + (cache_rotated_ ? r : r - r0);
 }
@@ -219,6 +233,7 @@ void EStepPlan::rotate_block(EStepRun& run, int r0, int r1) {
     if (cache_norms_)
       for (int gi = 0; gi < s_.G; ++gi)
         norm_cache_[sl * s_.G + gi] = weighted_norm(ws_.hweight.data(), group_w_.data() + std::size_t(gi) * J, out_kr, J);
+    if (pruned_) pruned_->to_layout(out_kr, kernel_refs_.data() + sl * klayout_);
   }
 #pragma omp single
   {
@@ -228,54 +243,72 @@ void EStepPlan::rotate_block(EStepRun& run, int r0, int r1) {
   }
 }
 
-// Stage 2: scores every translation of every (particle, class, rotation) of the block with one
-// inverse FFT each and keeps the maps that may matter. Called by every thread of the team.
+// The correlations sum_j h_j Re(w X conj(R A) e^{+2 pi i k_j.t/n}) of particle d and the rotated
+// reference in slot sl at the T shifts, into th.cross: the pruned kernel (th.kwx holds w X in
+// its order), or one inverse FFT read at the shifts.
+void EStepPlan::shift_correlations(ThreadScratch& th, const ParticleData& d, std::size_t sl) const {
+  if (pruned_) {
+    pruned_->score(th.kwx.get(), kernel_refs_.data() + sl * klayout_, th.kscratch.get(), th.cross.data());
+    ++th.maps_kernel;
+    return;
+  }
+  cross_spectrum(ws_, d.wx.data(), rotated_.data() + sl * ws_.size(), th.cbuf.get());  // c2r destroys its input
+  fft_.c2r(th.cbuf.get(), th.rbuf.get());
+  for (int t = 0; t < s_.T; ++t) th.cross[t] = th.rbuf[tidx_[t]];
+}
+
+// One map's scores from th.cross: ML log-weights kept as a candidate, or CC's running best.
+void EStepPlan::keep_map(ThreadScratch& th, const ParticleData& d, Candidates& c, std::int32_t kr, double la,
+                         double ref_norm, const cfloat* ref) const {
+  const int T = s_.T;
+  const float* cross = th.cross.data();
+  th.samples += T;
+  if (s_.mode != ScoreMode::CrossCorrelation) {
+    const double inv2s2 = 1.0 / (2.0 * s_.sigma2);
+    for (int t = 0; t < T; ++t) th.scores[t] = la + s_.log_prior_shift[t] - (ref_norm - 2.0 * cross[t]) * inv2s2;
+    if (!c.push_ml(kr, th.scores.data(), T, log_prune_of(s_.prune), th.scores_f)) ++th.maps_pruned;
+    return;
+  }
+  // CC: DC is the first component of the working set (index 0).
+  const double ref_dc = d.w[0] * std::norm(ref[0]);
+  const double cross_dc = (d.wx[0] * std::conj(ref[0])).real();
+  const double denom = std::sqrt(std::max(1e-300, d.x_norm_nodc * (ref_norm - ref_dc)));
+  for (int t = 0; t < T; ++t) {
+    const double cc = (cross[t] - cross_dc) / denom;
+    if (cc > c.run_best) {
+      c.run_best = static_cast<float>(cc);
+      c.cc_kr = kr;
+      c.cc_t = t;
+      c.cc_s = ref_norm - 2.0 * cross[t];
+    }
+  }
+}
+
+// Stage 2: scores every translation of every (particle, class, rotation) of the block and keeps
+// the maps that may matter. Called by every thread of the team.
 void EStepPlan::score_block(EStepRun& run, int r0, int r1) {
-  const int R = s_.R, T = s_.T;
+  const int R = s_.R;
   const std::size_t J = ws_.size();
-  const bool cc_mode = s_.mode == ScoreMode::CrossCorrelation;
-  const double log_prune = log_prune_of(s_.prune);
-  const double inv2s2 = 1.0 / (2.0 * s_.sigma2);
   ThreadScratch& th = run.scratch[omp_get_thread_num()];
 #pragma omp single
   run.t_score -= omp_get_wtime();
 #pragma omp for schedule(dynamic)
   for (int i = 0; i < run.batch.N; ++i) {
     const ParticleData& d = run.pdata[i];
-    Candidates& c = run.cands[i];
+    bool in_layout = false;  // th.kwx holds this particle
     for (int k = 0; k < s_.K; ++k) {
       const double la = class_prior(run.batch, i, k);
       if (!(la > -std::numeric_limits<double>::infinity())) continue;  // alpha_k = 0
       for (int r = r0; r < r1; ++r) {
         if (run.batch.rot_mask && !run.batch.rot_mask[static_cast<std::size_t>(i) * R + r]) continue;
+        if (pruned_ && !in_layout) pruned_->to_layout(d.wx.data(), th.kwx.get());
+        in_layout = true;
         const std::size_t sl = slot(k, r, r0);
         const cfloat* ref = rotated_.data() + sl * J;
-        cross_spectrum(ws_, d.wx.data(), ref, th.cbuf.get());  // c2r destroys its input
+        shift_correlations(th, d, sl);
         const double ref_norm = cache_norms_ ? norm_cache_[sl * s_.G + run.batch.group[i]]
                                              : weighted_norm(ws_.hweight.data(), d.w.data(), ref, J);
-        fft_.c2r(th.cbuf.get(), th.rbuf.get());
-        th.samples += T;
-        const std::int32_t kr = k * R + r;
-        const float* cross = th.rbuf.get();
-        if (!cc_mode) {
-          for (int t = 0; t < T; ++t)
-            th.scores[t] = la + s_.log_prior_shift[t] - (ref_norm - 2.0 * cross[tidx_[t]]) * inv2s2;
-          if (!c.push_ml(kr, th.scores.data(), T, log_prune, th.scores_f)) ++th.maps_pruned;
-          continue;
-        }
-        // CC: DC is the first component of the working set (index 0).
-        const double ref_dc = d.w[0] * std::norm(ref[0]);
-        const double cross_dc = (d.wx[0] * std::conj(ref[0])).real();
-        const double denom = std::sqrt(std::max(1e-300, d.x_norm_nodc * (ref_norm - ref_dc)));
-        for (int t = 0; t < T; ++t) {
-          const double cc = (cross[tidx_[t]] - cross_dc) / denom;
-          if (cc > c.run_best) {
-            c.run_best = static_cast<float>(cc);
-            c.cc_kr = kr;
-            c.cc_t = t;
-            c.cc_s = ref_norm - 2.0 * cross[tidx_[t]];
-          }
-        }
+        keep_map(th, d, run.cands[i], k * R + r, la, ref_norm, ref);
       }
     }
   }
@@ -335,6 +368,11 @@ EStepCounters EStepPlan::run(const ParticleBatch& batch, const ParticleOutputs& 
     ThreadScratch& th = run.scratch[omp_get_thread_num()];  // first touch by its thread
     th.cbuf = aligned_array<cfloat>(half_n);
     th.rbuf = aligned_array<float>(fft_.real_size());
+    th.cross.resize(s_.T);
+    if (pruned_) {
+      th.kwx = aligned_array<float>(klayout_);
+      th.kscratch = aligned_array<float>(pruned_->scratch_size());
+    }
     th.scores.resize(s_.T);
     th.scores_f.resize(s_.T);
     th.phi.resize(J);
@@ -367,6 +405,7 @@ EStepCounters EStepPlan::run(const ParticleBatch& batch, const ParticleOutputs& 
     cnt.samples += th.samples;
     cnt.kept += th.kept;
     cnt.maps_pruned += th.maps_pruned;
+    cnt.maps_pruned_kernel += th.maps_kernel;
   }
   cnt.seconds_rotate = run.t_rot;
   cnt.seconds_score = run.t_score;

@@ -123,13 +123,16 @@ struct ParticleData {
 struct ThreadScratch {
   AlignedArray<cfloat> cbuf;  // half spectrum of the working box
   AlignedArray<float> rbuf;   // real working box
+  AlignedArray<float> kwx;    // the particle's w X in the pruned kernel's order
+  AlignedArray<float> kscratch;
+  std::vector<float> cross;   // (T) correlations at the shifts of the current (i, k, r)
   std::vector<double> scores;
   std::vector<float> scores_f;
   std::vector<std::complex<double>> phi;
   std::vector<double> post;
   std::vector<cdouble> ysum, S;
   std::vector<double> msum, M, F, W, scalars;
-  std::int64_t samples = 0, kept = 0, maps_pruned = 0;
+  std::int64_t samples = 0, kept = 0, maps_pruned = 0, maps_kernel = 0;
 };
 
 struct EStepRun {

@@ -4,7 +4,9 @@ The core computes, for every particle ``i``, class ``k``, rotation ``r`` and shi
 
     d²(i,k,r,t) = Σ_j w_ij |X_ij − e^{−2πi k_j·t/n} (R_r A_k)_j|²      (full-spectrum sum)
 
-over the working set ``|k| ≤ radius`` (one inverse FFT per (i,k,r) scores every shift),
+over the working set ``|k| ≤ radius`` (the correlation term at the searched shifts comes from one
+inverse FFT per (i,k,r), or from a pruned separable transform on the box of searched shifts:
+``kernel``),
 log-weights ``log α_k + log p(t) − d²/2σ²``, posteriors by log-sum-exp, and adds the sufficient
 statistics into :class:`Sums` (SPEC §3–4). Shifts are integers in working-box voxels.
 """
@@ -16,6 +18,7 @@ import numpy as np
 from mltomo.model import ParticleScores, Sums
 
 MODES = {"ml": 0, "cc": 1}
+KERNELS = ("auto", "fft", "pruned")
 
 
 def estep(
@@ -40,6 +43,7 @@ def estep(
     rot_block: int = 32,
     halves: np.ndarray | None = None,
     progress=None,
+    kernel: str = "auto",
 ):
     """Run the E-step on all particles, in chunks that bound the memory of the translation maps.
 
@@ -57,6 +61,11 @@ def estep(
             added into its own :class:`Sums` (one plan serves both).
         rot_mask: optional ``(N, R)`` uint8, the rotations each particle searches.
         progress: optional callable(n_done) called after each chunk.
+        kernel: how the shifts of one (particle, class, rotation) are scored: ``"fft"`` (one
+            inverse FFT of the working box, every shift at once), ``"pruned"`` (a separable
+            transform evaluated only on the box of searched shifts; same numbers to float
+            precision) or ``"auto"`` (the cheaper by the core's cost model). The counter
+            ``maps_pruned_kernel`` says how many maps the pruned kernel scored.
 
     Returns:
         ``(sums, scores, counters)``; with ``halves``, ``sums`` is the pair ``[Sums, Sums]``.
@@ -65,6 +74,8 @@ def estep(
 
     if mode not in MODES:
         raise ValueError(f"unknown E-step mode {mode!r}: use 'ml' or 'cc'")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown E-step kernel {kernel!r}: use 'auto', 'fft' or 'pruned'")
     K, P = refs.shape[0], refs.shape[1]
     N = particles.shape[0]
     R, T = rotations.shape[0], shifts.shape[0]
@@ -74,7 +85,7 @@ def estep(
     nthreads = nthreads or _core.max_threads()
     per_particle = K * R * T * 4 + particles[0].nbytes * 2 if N else 1
     chunk = int(np.clip(memory_budget_bytes // max(per_particle, 1), 4 * nthreads, 4096))
-    counters = {"samples": 0, "kept": 0, "maps_pruned": 0, "seconds_rotate": 0.0,
+    counters = {"samples": 0, "kept": 0, "maps_pruned": 0, "maps_pruned_kernel": 0, "seconds_rotate": 0.0,
                 "seconds_score": 0.0, "seconds_accumulate": 0.0, "seconds_total": 0.0}
     groups = np.ascontiguousarray(groups, dtype=np.int32)
     offsets = None
@@ -92,7 +103,7 @@ def estep(
     plan = None if N == 0 else _core.EStepPlan(
         refs=refs, pad=float(pad), masks=masks, radius=float(radius), rotations=rotations,
         shifts=shifts, log_prior_shift=log_prior_shift, log_alpha=log_alpha, sigma2=float(sigma2),
-        mode=mode, prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block),
+        mode=mode, prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block), kernel=kernel,
     )
     for target, sel in _chunks(N, chunk, sums, halves):
         res = plan.run(particles=_take(particles, sel), groups=_take(groups, sel), sums=target,

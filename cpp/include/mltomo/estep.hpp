@@ -5,8 +5,10 @@
 // references R_r A_k with their masked norms (cached across chunks when they fit in memory).
 // EStepPlan::run then goes through RELION's stages, each its own function:
 //   1. rotate: R_r A_k for a block of rotations (once per iteration when cached);
-//   2. score: d^2(i,k,r,t) for every translation with one inverse FFT per (i,k,r), kept as
-//      log-weights relative to a per-particle offset (double) so float32 storage loses nothing;
+//   2. score: d^2(i,k,r,t) for every translation, from the correlations at the searched shifts
+//      (one inverse FFT per (i,k,r), or the pruned transform of shift_scores.hpp when the
+//      shift box is small against the working box), kept as log-weights relative to a
+//      per-particle offset (double) so float32 storage loses nothing;
 //   3. posteriors: log-sum-exp with the maximum subtracted, pruning below `prune` x the maximum;
 //   4. weighted sums: W_k, S_k, M_k, Mfull_k and the sigma / xi sums, added into caller-owned
 //      accumulators.
@@ -17,11 +19,13 @@
 #include <complex>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "mltomo/fft_plan.hpp"
 #include "mltomo/fourier_grid.hpp"
 #include "mltomo/interp.hpp"
+#include "mltomo/shift_scores.hpp"
 
 namespace mltomo {
 
@@ -53,6 +57,7 @@ struct EStepSetup {
   int nthreads = 1;
   int rot_block = 32;
   double rotated_cache_bytes = 256.0 * (1 << 20);  // keep all R_r A_k if they fit in this
+  ShiftKernel kernel = ShiftKernel::Auto;  // how the shifts of one (i, k, r) are scored
 };
 
 // One chunk of particles: N half spectra of the working box (N, n, n, n/2+1), the mask group of
@@ -98,11 +103,14 @@ struct EStepCounters {
   std::int64_t samples = 0;       // (i, k, r, t) evaluated
   std::int64_t kept = 0;          // of those, contributing to the sums
   std::int64_t maps_pruned = 0;   // (i, k, r) translation maps dropped as soon as scored
+  std::int64_t maps_pruned_kernel = 0;  // (i, k, r) scored by the pruned kernel (else one c2r)
   double seconds_rotate = 0, seconds_score = 0, seconds_accumulate = 0, seconds_total = 0;
 };
 
-struct EStepRun;       // the per-call state (estep.cpp)
-struct ThreadScratch;  // per-thread buffers and sums (estep.cpp)
+struct EStepRun;       // the per-call state (estep_state.hpp)
+struct ThreadScratch;  // per-thread buffers and sums (estep_state.hpp)
+struct ParticleData;   // a particle on the working set (estep_state.hpp)
+struct Candidates;     // its translation maps that may matter (estep_state.hpp)
 
 class EStepPlan {
  public:
@@ -120,10 +128,16 @@ class EStepPlan {
   int n() const { return s_.n; }
   int G() const { return s_.G; }
   const PaddedGeometry& grid() const { return s_.grid; }
+  // The kernel the plan scores shifts with (Fft or Pruned; Auto is resolved at construction).
+  ShiftKernel kernel() const { return pruned_ ? ShiftKernel::Pruned : ShiftKernel::Fft; }
 
  private:
   friend struct EStepRun;
   void build_shift_tables();
+  void choose_kernel();
+  void shift_correlations(ThreadScratch& th, const ParticleData& d, std::size_t sl) const;
+  void keep_map(ThreadScratch& th, const ParticleData& d, Candidates& c, std::int32_t kr, double la,
+                double ref_norm, const cfloat* ref) const;
   void rotate_block(EStepRun& run, int r0, int r1);
   void score_block(EStepRun& run, int r0, int r1);
   void posteriors(EStepRun& run);
@@ -153,6 +167,9 @@ class EStepPlan {
   std::vector<cfloat> rotated_;           // (K, slots, J)
   std::vector<double> norm_cache_;        // (K, slots, G)
   std::vector<std::uint8_t> rotated_ready_;  // (R) cached rotations already computed
+  std::unique_ptr<ShiftScorer> pruned_;   // the pruned kernel, if chosen
+  std::size_t klayout_ = 0;               // floats of one array in its kernel order
+  std::vector<float> kernel_refs_;        // (K, slots, klayout) R_r A_k in kernel order, if pruned_
 };
 
 }  // namespace mltomo
