@@ -100,6 +100,17 @@ def blobs(n, rng, count=6, spread=0.22):
     return v
 
 
+def blob_cloud(seed=7, half_width=50.0, spread=12.0, points=150, blobs=7):
+    """An asymmetric point-cloud phantom (Å): ``blobs`` Gaussian blobs of ``points`` points,
+    centres uniform in ±``half_width``, weights 1, 2, ... per blob (no symmetry)."""
+    from mltomo.phantoms import PointCloud
+
+    r = np.random.default_rng(seed)
+    cen = r.uniform(-half_width, half_width, (blobs, 3))
+    pts = np.concatenate([c + r.normal(0, spread, (points, 3)) for c in cen])
+    return PointCloud(pts, np.concatenate([np.full(points, 1.0 + k) for k in range(blobs)]))
+
+
 def rotate_exact(a, R):
     """x(r) = a(Rᵀ r) for an integer (cube) rotation, exactly, on the grid centred at n//2."""
     n = a.shape[0]

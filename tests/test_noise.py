@@ -14,19 +14,17 @@ from mltomo.model import Config, Particles
 from mltomo.noise import NoiseGroups, NoiseModel, estimate, map_shell_sums, noise_groups
 from mltomo.parallel import SerialComm
 from mltomo.particles import particles_from_arrays
-from mltomo.phantoms import PointCloud
 from mltomo.reference import reference_transforms
 from mltomo.sampling import Sampling
 from mltomo.simulate import simulate
+
+from conftest import blob_cloud
 
 VOXEL = 10.0
 
 
 def _phantom(seed=7):
-    r = np.random.default_rng(seed)
-    cen = r.uniform(-50, 50, (7, 3))
-    pts = np.concatenate([c + r.normal(0, 12, (150, 3)) for c in cen])
-    return PointCloud(pts, np.concatenate([np.full(150, 1.0 + k) for k in range(7)]))
+    return blob_cloud(seed, half_width=50.0, spread=12.0, points=150)
 
 
 def _coloured(sim, snr, colour, seed, scales=None):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DATA
 
 from mltomo import geometry
 from mltomo.cli import main
 from mltomo.io import read_star, read_volume, write_volume
+
+from conftest import DATA
 
 STACKS = DATA / "relion5_stacks"
 NAME = "warptools_test_4-tomos_10-ptcls_box-32_angpix-12"

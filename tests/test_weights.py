@@ -22,17 +22,15 @@ from mltomo.io import write_star, write_volume
 from mltomo.model import Config
 from mltomo.parallel import RankError
 from mltomo.particles import read_particles
-from mltomo.phantoms import PointCloud
 from mltomo.simulate import simulate
+
+from conftest import blob_cloud
 
 VOXEL = 10.0
 
 
 def _phantom(seed=7):
-    r = np.random.default_rng(seed)
-    cen = r.uniform(-45, 45, (7, 3))
-    pts = np.concatenate([c + r.normal(0, 10, (120, 3)) for c in cen])
-    return PointCloud(pts, np.concatenate([np.full(120, 1.0 + k) for k in range(7)]))
+    return blob_cloud(seed, half_width=45.0, spread=10.0, points=120)
 
 
 def _ctf_centred(n, zeros=3.0, wedge=60.0):

@@ -56,6 +56,7 @@ from mltomo.io.tables._common import (
     check_template,
     format_names,
     from_dataframe,
+    is_number,
     to_dataframe,
     zxz_angles,
     zxz_matrix,
@@ -105,18 +106,10 @@ def detect_format(path) -> str:
     if head.lstrip().startswith(b"<"):
         return "pytom"
     first = next((ln for ln in head.decode("utf-8", "replace").splitlines() if ln.strip()), "")
-    if first and all(_is_number(f) for f in first.split()):
+    if first and all(is_number(f) for f in first.split()):
         return "dynamo"
     raise TableFormatError(f"{path}: unknown table format (expected a Dynamo .tbl, a TOM/AV3 .em motive list, "
                            "a STOPGAP .star or a PyTom .xml; or give --format)")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def read_table(path, fmt: str = "auto") -> ParticlePoses:

@@ -15,6 +15,15 @@ class TableFormatError(ValueError):
     """A particle table that cannot be read: the message is one line naming the file."""
 
 
+def is_number(text: str) -> bool:
+    """Whether ``text`` parses as a float."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class ParticlePoses:
     """Particles of another program's table, already in mltomo's convention.

@@ -14,6 +14,7 @@ from mltomo.io.tables._common import (
     ParticlePoses,
     TableFormatError,
     check_finite,
+    is_number,
     parse_region,
     region_string,
     zxz_angles,
@@ -49,20 +50,12 @@ def _parse(path, text: str) -> np.ndarray:
         try:
             rows.append([float(f) for f in fields[:MIN_COLUMNS]])
         except ValueError:
-            bad = next(i for i, f in enumerate(fields[:MIN_COLUMNS]) if not _is_number(f))
+            bad = next(i for i, f in enumerate(fields[:MIN_COLUMNS]) if not is_number(f))
             raise TableFormatError(f"{path}: line {lineno}, column {bad + 1}: {fields[bad]!r} "
                                    "is not a number") from None
     if not rows:
         raise TableFormatError(f"{path}: no particles (an empty Dynamo table)")
     return np.asarray(rows, dtype=np.float64)  # (N, 26)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _region(ftype: float, ymin: float, ymax: float) -> str:
