@@ -212,6 +212,26 @@ def test_weight_volume_observing_nothing(data, capsys):
     _refine_fails(capsys, data, [data / "weights.star"], "ctf_zero.mrc", "no observed")
 
 
+def test_weight_volume_of_the_wrong_size(data, capsys):
+    """A weight volume that is not the particles' box (nor its half layout): one line naming the
+    file and both sizes, exit 2, nothing written."""
+    names = [f"particles/p{i + 1}.mrc" for i in range(N)]
+    write_volume(data / "ctf_big.mrc", np.ones((BOX + 2,) * 3, np.float32), VOXEL)
+    write_star(data / "big_weights.star", {"particles": _table(names, rlnCtfImage=["ctf_big.mrc"] * N)})
+    _refine_fails(capsys, data, [data / "big_weights.star"], "ctf_big.mrc", f"the particles are {BOX}³")
+
+
+def test_weight_layout_that_cannot_be_told(data, capsys):
+    """A full-size weight volume whose layout the particles do not reveal: refused naming the
+    option (a wrong layout is never silently assumed)."""
+    names = [f"particles/p{i + 1}.mrc" for i in range(N)]
+    c = np.arange(BOX) - BOX // 2
+    k = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    write_volume(data / "ctf_radial.mrc", np.cos(k).astype(np.float32), VOXEL)
+    write_star(data / "radial.star", {"particles": _table(names, rlnCtfImage=["ctf_radial.mrc"] * N)})
+    _refine_fails(capsys, data, [data / "radial.star"], "ctf_radial.mrc", "--weight-layout centred or origin")
+
+
 def test_reference_wrong_box(data, capsys):
     write_volume(data / "big.mrc", np.zeros((BOX + 4,) * 3, np.float32), VOXEL)
     _refine_fails(capsys, data, [data / "particles.star", "--ref", data / "ref1.mrc", data / "big.mrc"],
