@@ -174,3 +174,21 @@ def test_shell_noise_is_estimated_and_aligns_better_than_white(seed):
             shells = np.arange(1, n // 2)
             assert np.all(np.abs(est[shells] / truth[shells] - 1) < 0.1), est[shells] / truth[shells]
     assert errors["shell"] < errors["white"] - 5.0, errors
+
+
+def test_log_normaliser_is_the_shells_log_noise_over_observed_components():
+    """−½ Σ h [w > 0] log c(|k|) over each particle's observed working set, direct sum; 0 for white."""
+    n = 12
+    sampling = Sampling.create(n, VOXEL, Config(padding=2.0))
+    rng = np.random.default_rng(5)
+    masks = (rng.uniform(size=(2, n, n, n // 2 + 1)) > 0.3).astype(np.float32)
+    groups = np.array([0, 1, 1])
+    ng = NoiseGroups(of=np.zeros(3, np.int64), labels=("a",), counts=np.array([3.0]),
+                     pair_of=np.array([0, 1, 1], np.int32), pairs=np.array([[0, 0], [1, 0]]))
+    noise = NoiseModel(scale=np.ones(1), shape=rng.uniform(0.5, 3.0, size=(1, n // 2 + 1)), labels=("a",))
+    got = noise.log_normaliser(sampling.crop(masks), sampling, ng)
+    hw = sampling.working_weights()
+    shells = np.minimum(np.rint(radius_half(sampling.n_w)).astype(int), n // 2)
+    want = [-0.5 * np.sum(hw * (sampling.crop(masks)[g] > 0) * np.log(noise.shape[0][shells])) for g in groups]
+    assert got == pytest.approx(want, rel=1e-9)
+    assert np.all(NoiseModel.white(("a",), n).log_normaliser(masks, sampling, ng) == 0)

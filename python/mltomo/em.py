@@ -261,6 +261,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             scores.class_log_sum[:] = np.max(scores.class_log_sum, axis=1, keepdims=True)
         ll_i = _log_likelihoods(scores, rot_mask, len(rotations), work, config,
                                 corrected=offsets is not None or split_seeded)
+        ll_i = ll_i + (0.0 if config.mode == "cc" else noise.log_normaliser(masks_w, sampling, ngroups))
         ll = comm.sum(float(ll_i.sum()))
         mstep_config = replace(config, n_classes=1) if tied else config
         model = mstep(sums, work, mstep_config, sampling, constraints, inputs, iteration=it, log_likelihood=ll,

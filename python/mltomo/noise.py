@@ -120,6 +120,17 @@ class NoiseModel:
         inv = (1.0 / self.scale[ng.of]).astype(np.float32)
         return spectra_w * inv[:, None, None, None]
 
+    def log_normaliser(self, masks_w: np.ndarray, sampling, ng: NoiseGroups) -> np.ndarray:
+        """``(N_local,)`` ``−½ Σ_k h [w > 0] log c_g(|k|)`` over each particle's observed working
+        set: the part of the log-likelihood's normaliser ``−½ Σ log(2π σ² c_g)`` that σ² alone
+        misses (0 for white noise), so the log-likelihood stays comparable as ``c`` changes."""
+        if np.all(self.shape == 1.0):
+            return np.zeros(len(ng.of))
+        shells = _shell_index(sampling.n_w, self.shape.shape[1])
+        logc = np.log(self.shape)[:, shells]
+        per_pair = np.array([-0.5 * sampling.working_sum((masks_w[g] > 0) * logc[q]) for g, q in ng.pairs])
+        return per_pair[ng.pair_of] if len(per_pair) else np.zeros(0)
+
     def sigma2_shells(self, sigma2: float) -> np.ndarray:
         """``(G, n//2+1)`` the noise power σ²_g(s) = σ² c_g(s) per real degree of freedom."""
         return float(sigma2) * self.shape
