@@ -52,8 +52,11 @@ def _phantoms(rng, n, k):
     return vols
 
 
-def write_dataset(root: Path, n_particles: int = N_PARTICLES, box: int = BOX, seed: int = 0) -> Path:
-    """Two classes, random rotations, integer shifts (|t| ≤ 1), noise (SNR 2) and a ±60° wedge."""
+def write_dataset(root: Path, n_particles: int = N_PARTICLES, box: int = BOX, seed: int = 0,
+                  optics_groups: bool = False) -> Path:
+    """Two classes, random rotations, integer shifts (|t| ≤ 1), noise (SNR 2) and a ±60° wedge;
+    with ``optics_groups`` the last third of the particles (all on the last rank of two) are in
+    optics group 2, on 3× the intensity scale."""
     from mltomo import geometry
     from mltomo.fourier import irfft_unitary, missing_region_mask, rfft_unitary
     from mltomo.io import write_star, write_volume
@@ -70,13 +73,18 @@ def write_dataset(root: Path, n_particles: int = N_PARTICLES, box: int = BOX, se
         v = np.roll(v, tuple(rng.integers(-1, 2, 3)), axis=(0, 1, 2))
         v = v + rng.normal(scale=np.sqrt(0.5), size=v.shape)
         v = irfft_unitary(rfft_unitary(v) * wedge, box)
+        if optics_groups and 3 * i >= 2 * n_particles:
+            v = 3.0 * v
         name = f"particles/p{i:03d}.mrc"
         write_volume(root / name, v.astype(np.float32), VOXEL)
         names.append(name)
     import pandas as pd
 
     star = root / "particles.star"
-    write_star(star, {"particles": pd.DataFrame({"rlnImageName": names})})
+    table = pd.DataFrame({"rlnImageName": names})
+    if optics_groups:
+        table["rlnOpticsGroup"] = [2 if 3 * i >= 2 * n_particles else 1 for i in range(n_particles)]
+    write_star(star, {"particles": table})
     return star
 
 
@@ -137,17 +145,29 @@ def dataset(tmp_path_factory):
     return write_dataset(root)
 
 
+@pytest.fixture(scope="module")
+def grouped_dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("mpi_groups"), optics_groups=True)
+
+
 @pytest.mark.mpi
 @needs_mpiexec
-def test_two_ranks_agree_with_one(dataset, tmp_path):
-    rc, out1, err1 = run([sys.executable, "-c", _SERIAL, "refine", dataset, "--out", tmp_path / "serial", *REFINE],
+@pytest.mark.parametrize("case", ["white", "shell-noise-two-scales"])
+def test_two_ranks_agree_with_one(dataset, grouped_dataset, tmp_path, case):
+    """Serial and two ranks agree; also with σ²(shell) and a scale per optics group, the second
+    group held by rank 1 alone (its label and sums must reach rank 0)."""
+    options = list(REFINE)
+    if case != "white":
+        dataset = grouped_dataset
+        options += ["--noise", "shell"]
+    rc, out1, err1 = run([sys.executable, "-c", _SERIAL, "refine", dataset, "--out", tmp_path / "serial", *options],
                           tmp_path)
     assert rc == 0, err1
     report = json.loads(out1.strip().splitlines()[-1])
     assert report == {"rc": 0, "mpi4py": False}, "a serial run must not import mpi4py"
 
     rc, out2, err2 = run(mpiexec(2, sys.executable, "-m", "mltomo", "refine", dataset, "--out", tmp_path / "mpi",
-                                   *REFINE), tmp_path)
+                                   *options), tmp_path)
     assert rc == 0, err2
     # Only rank 0 logs (and writes): one line per iteration, not one per rank.
     assert sum(line.startswith("it   1 ") for line in (out2 + err2).splitlines()) == 1, out2 + err2
@@ -178,6 +198,15 @@ def test_two_ranks_agree_with_one(dataset, tmp_path):
                                    da["rlnMaxValueProbDistribution"].to_numpy(np.float64), atol=1e-5)
     # Not a trivial agreement: both ranks' particles were classified, into both classes.
     assert set(a["data"]["rlnClassNumber"]) == {1, 2}
+    if case != "white":  # the estimated scales and noise agree too, and the scales are not 1
+        from mltomo.io import read_star
+
+        ga, gb = (read_star(d / "run_it003_model.star") for d in (serial, mpi))
+        sa = ga["model_groups"]["rlnGroupScaleCorrection"].to_numpy(np.float64)
+        np.testing.assert_allclose(gb["model_groups"]["rlnGroupScaleCorrection"].to_numpy(np.float64), sa, rtol=1e-5)
+        np.testing.assert_allclose(gb["model_noise"]["rlnSigma2Noise"].to_numpy(np.float64),
+                                   ga["model_noise"]["rlnSigma2Noise"].to_numpy(np.float64), rtol=1e-5)
+        assert sa[1] / sa[0] == pytest.approx(3.0, rel=0.15), sa
 
 
 @pytest.mark.mpi
