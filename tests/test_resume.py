@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mltomo.cli import main
 from mltomo.io import read_volume
@@ -23,17 +24,19 @@ def digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
-def test_sigkill_then_continue_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--noise", "shell"]], ids=["white", "shell"])
+def test_sigkill_then_continue_matches_uninterrupted(tmp_path, extra):
+    """(With ``--noise shell`` the estimated σ²(shell) is part of the state the files must keep.)"""
     sim = simulate(builtin_phantoms(), 24, 20, 12.0, 36.0, snr=1.0, missing_region="wedge_y:-60:60",
                    max_shift_voxels=1, seed=5)
     files = write_dataset(sim, tmp_path / "data")
     before = digest(tmp_path / "data")
     star = str(files["particles"])
 
-    assert main(["refine", star, "--out", str(tmp_path / "a"), *ARGS]) == 0
+    assert main(["refine", star, "--out", str(tmp_path / "a"), *ARGS, *extra]) == 0
 
     b = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "mltomo", "refine", star, "--out", str(b), *ARGS],
+    proc = subprocess.Popen([sys.executable, "-m", "mltomo", "refine", star, "--out", str(b), *ARGS, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (b / "run_it002_model.star").exists():
