@@ -167,7 +167,7 @@ class PyEStepPlan {
   // S and float64 M, Mfull (K, P, P, P/2+1) and float64 scalars (2,)). Returns
   // {"scores": {name: (N,) array}, "counters": {name: number}}.
   py::dict run(py::handle particles, py::handle groups, py::handle sums, py::object rot_mask,
-               py::object class_offsets) {
+               py::object class_offsets, bool rot_mass) {
     const py::ssize_t n = plan_->n(), K = plan_->K(), R = plan_->R(), P = plan_->grid().P;
     const py::ssize_t N = dim<cfloat>(particles, "particles", 4, 0);
     mltomo::ParticleBatch batch;
@@ -177,19 +177,23 @@ class PyEStepPlan {
     batch.rot_mask = rot_mask.is_none() ? nullptr : checked<std::uint8_t>(rot_mask, "rot_mask", {N, R});
     batch.class_offsets =
         class_offsets.is_none() ? nullptr : checked<double>(class_offsets, "class_offsets", {N, K});
-    mltomo::Accumulators acc;
-    acc.W = checked<double>(sums.attr("W"), "sums.W", {K}, true);
-    acc.S = checked<cdouble>(sums.attr("S"), "sums.S", {K, P, P, P / 2 + 1}, true);
-    acc.M = checked<double>(sums.attr("M"), "sums.M", {K, P, P, P / 2 + 1}, true);
-    acc.Mfull = checked<double>(sums.attr("Mfull"), "sums.Mfull", {K, P, P, P / 2 + 1}, true);
-    acc.scalars = checked<double>(sums.attr("scalars"), "sums.scalars", {2}, true);
+    mltomo::Accumulators acc;  // sums=None: scores only
+    if (!sums.is_none()) {
+      acc.W = checked<double>(sums.attr("W"), "sums.W", {K}, true);
+      acc.S = checked<cdouble>(sums.attr("S"), "sums.S", {K, P, P, P / 2 + 1}, true);
+      acc.M = checked<double>(sums.attr("M"), "sums.M", {K, P, P, P / 2 + 1}, true);
+      acc.Mfull = checked<double>(sums.attr("Mfull"), "sums.Mfull", {K, P, P, P / 2 + 1}, true);
+      acc.scalars = checked<double>(sums.attr("scalars"), "sums.scalars", {2}, true);
+    }
     py::array_t<std::int32_t> best_class(N), best_rot(N), best_shift(N);
     py::array_t<double> max_post(N), log_sum(N), x_norm(N), n_observed(N);
     py::array_t<std::int64_t> n_significant(N);
     py::array_t<double> class_log_sum({N, K});
+    py::array_t<double> rot_masses(rot_mass ? std::vector<py::ssize_t>{N, R} : std::vector<py::ssize_t>{0, R});
     mltomo::ParticleOutputs out{best_class.mutable_data(), best_rot.mutable_data(), best_shift.mutable_data(),
                                 max_post.mutable_data(),   n_significant.mutable_data(), log_sum.mutable_data(),
-                                x_norm.mutable_data(),     n_observed.mutable_data(),    class_log_sum.mutable_data()};
+                                x_norm.mutable_data(),     n_observed.mutable_data(),    class_log_sum.mutable_data(),
+                                rot_mass ? rot_masses.mutable_data() : nullptr};
     mltomo::EStepCounters c;
     {
       py::gil_scoped_release release;
@@ -205,6 +209,7 @@ class PyEStepPlan {
     scores["x_norm"] = x_norm;
     scores["n_observed"] = n_observed;
     scores["class_log_sum"] = class_log_sum;
+    if (rot_mass) scores["rot_mass"] = rot_masses;
     counters["samples"] = c.samples;
     counters["kept"] = c.kept;
     counters["maps_pruned"] = c.maps_pruned;
@@ -338,7 +343,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("kernel", &PyEStepPlan::kernel,
                              "'fft' or 'pruned': how this plan scores the shifts ('auto' resolved).")
       .def("run", &PyEStepPlan::run, py::kw_only(), py::arg("particles"), py::arg("groups"), py::arg("sums"),
-           py::arg("rot_mask") = py::none(), py::arg("class_offsets") = py::none(),
+           py::arg("rot_mask") = py::none(), py::arg("class_offsets") = py::none(), py::arg("rot_mass") = false,
            "Scores a chunk, adds into sums.W/S/M/Mfull/scalars, returns {'scores': {...}, 'counters': {...}}.");
   m.def("bench_c2r", &bench_c2r, py::arg("n"), py::arg("count"), py::arg("nthreads") = 0);
   m.def("shift_correlations", &shift_correlations, py::kw_only(), py::arg("n"), py::arg("kx"), py::arg("ky"),

@@ -86,7 +86,7 @@ struct Best {
 
 // Log-sum-exp over a particle's kept samples (the maximum subtracted); stores the total in c.
 Best ml_posterior(Candidates& c, const ParticleData& d, int R, int T, double log_prune, double inv2s2,
-                  double* class_total) {
+                  double* class_total, double* rot_mass) {
   Best b;
   if (c.kr.empty()) return b;
   const double Lmax = c.run_best;
@@ -101,6 +101,7 @@ Best ml_posterior(Candidates& c, const ParticleData& d, int R, int T, double log
       const double e = std::exp(L[t] - Lmax);
       total += e;
       if (class_total) class_total[c.kr[q] / R] += e;
+      if (rot_mass) rot_mass[c.kr[q] % R] += e;
       ++b.nsig;
       if (L[t] > best_L) {
         best_L = L[t];
@@ -111,6 +112,8 @@ Best ml_posterior(Candidates& c, const ParticleData& d, int R, int T, double log
     }
   }
   c.total = total;
+  if (rot_mass)
+    for (int r = 0; r < R; ++r) rot_mass[r] /= total;
   b.p = std::exp(best_L - Lmax) / total;
   b.log_sum = c.offset + Lmax + std::log(total) - d.x_norm * inv2s2;
   return b;
@@ -330,8 +333,11 @@ void EStepPlan::posteriors(EStepRun& run) {
     const ParticleData& d = run.pdata[i];
     double* cls = out.class_log_sum ? out.class_log_sum + static_cast<std::size_t>(i) * s_.K : nullptr;
     if (cls) std::fill(cls, cls + s_.K, 0.0);
+    double* rm = out.rot_mass ? out.rot_mass + static_cast<std::size_t>(i) * s_.R : nullptr;
+    if (rm) std::fill(rm, rm + s_.R, 0.0);
     const Best b = cc_mode ? cc_posterior(run.cands[i], s_.R)
-                           : ml_posterior(run.cands[i], d, s_.R, s_.T, log_prune, inv2s2, cls);
+                           : ml_posterior(run.cands[i], d, s_.R, s_.T, log_prune, inv2s2, cls, rm);
+    if (rm && cc_mode && b.r >= 0) rm[b.r] = 1.0;
     if (cls) {  // totals -> per-class log sums without the class prior
       const Candidates& c = run.cands[i];
       for (int k = 0; k < s_.K; ++k)
@@ -395,11 +401,17 @@ EStepCounters EStepPlan::run(const ParticleBatch& batch, const ParticleOutputs& 
       score_block(run, r0, std::min(s_.R, r0 + rb));
     }
     posteriors(run);
+    if (acc.W) {  // no accumulators: scores only (a coarse pass)
 #pragma omp single
-    index_contributions(run);
-    weighted_sums(run);
+      index_contributions(run);
+      weighted_sums(run);
+    } else {
+#pragma omp barrier
+#pragma omp single
+      run.t_acc += omp_get_wtime();
+    }
   }
-  reduce(run, acc);
+  if (acc.W) reduce(run, acc);
   EStepCounters cnt;
   for (const ThreadScratch& th : run.scratch) {
     cnt.samples += th.samples;

@@ -44,6 +44,8 @@ def estep(
     halves: np.ndarray | None = None,
     progress=None,
     kernel: str = "auto",
+    accumulate: bool = True,
+    rot_mass: bool = False,
 ):
     """Run the E-step on all particles, in chunks that bound the memory of the translation maps.
 
@@ -61,6 +63,9 @@ def estep(
             added into its own :class:`Sums` (one plan serves both).
         rot_mask: optional ``(N, R)`` uint8, the rotations each particle searches.
         progress: optional callable(n_done) called after each chunk.
+        accumulate: False scores only (``sums`` stay zero): a coarse pass.
+        rot_mass: also return ``scores.rot_mass`` ``(N, R)``, each rotation's posterior mass
+            summed over classes and shifts (CC: 1 at the best rotation).
         kernel: how the shifts of one (particle, class, rotation) are scored: ``"fft"`` (one
             inverse FFT of the working box, every shift at once), ``"pruned"`` (a separable
             transform evaluated only on the box of searched shifts; same numbers to float
@@ -105,9 +110,12 @@ def estep(
         shifts=shifts, log_prior_shift=log_prior_shift, log_alpha=log_alpha, sigma2=float(sigma2),
         mode=mode, prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block), kernel=kernel,
     )
+    if rot_mass:
+        scores.rot_mass = np.zeros((N, R))
     for target, sel in _chunks(N, chunk, sums, halves):
-        res = plan.run(particles=_take(particles, sel), groups=_take(groups, sel), sums=target,
-                       rot_mask=_take(rot_mask, sel), class_offsets=_take(offsets, sel))
+        res = plan.run(particles=_take(particles, sel), groups=_take(groups, sel),
+                       sums=target if accumulate else None, rot_mask=_take(rot_mask, sel),
+                       class_offsets=_take(offsets, sel), rot_mass=rot_mass)
         for name, values in res["scores"].items():
             getattr(scores, name)[sel] = values
         for key in counters:

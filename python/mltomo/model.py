@@ -215,10 +215,13 @@ class ParticleScores:
     x_norm: np.ndarray  # float64: Σ w |X|² over the working set
     n_observed: np.ndarray  # float64: J_i^o
     class_log_sum: np.ndarray | None = None  # (N, K) float64: log Σ_{r,t} p(t) exp(−d²/2σ²) per class (ML)
+    rot_mass: np.ndarray | None = None  # (N, R) float64 posterior mass per rotation (estep(rot_mass=True))
 
     def put(self, idx: np.ndarray, other: ParticleScores) -> None:
         """Write ``other``'s scores (of the particles ``idx``, in that order) into this set."""
         for f in fields(self):
+            if f.name == "rot_mass":
+                continue
             if f.name == "class_log_sum":
                 if other.class_log_sum is None:
                     continue
