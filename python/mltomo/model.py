@@ -62,7 +62,8 @@ class Config:
     weight_layout: str = "auto"  # weight volumes: "auto", "centred", "origin" (full n³) or "half"
     tomograms: str | None = None  # RELION 5 tomograms table of a 2D-stack particle table (default: found)
     weight_kind: str = "auto"  # weight volumes: "ctf" (multiplies the reference), "ctf2" (premultiplied data), auto
-    noise: str = "white"  # "white" (σ², the paper's) or "shell" (σ²(shell) per mask group: mltomo.noise)
+    noise: str = "auto"  # "white" (σ², the paper's), "shell" (σ²(shell) per noise group: mltomo.noise), or
+    # "auto": shell for continuous weights (CTF volumes, tilt stacks), white for binary missing regions
     scale_correction: bool = True  # per-group intensity scale, and a given --ref brought to the data's scale
     impute_iter: int = 1
     wa_threshold: float = 0.1

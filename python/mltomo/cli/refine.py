@@ -77,9 +77,10 @@ def add_args(p):
     g.add_argument("--weight-kind", default="auto", choices=("auto", "ctf", "ctf2"),
                    help="rlnCtfImage volumes hold: ctf (the CTF that multiplies the reference, RELION 3) or ctf2 (a CTF² sum of "
                         "CTF-premultiplied data, RELION 4 pseudo-subtomograms); default auto: ctf2 for RELION 4's 2n-slice weights, else ctf")
-    g.add_argument("--noise", default="white", choices=("white", "shell"),
-                   help="noise model: white (one sigma, the paper's) or shell (sigma^2 per resolution shell and mask group, "
-                        "estimated every iteration: real subtomograms; default white)")
+    g.add_argument("--noise", default="auto", choices=("auto", "white", "shell"),
+                   help="noise model: white (one sigma, the paper's) or shell (sigma^2 per resolution shell and noise group, "
+                        "estimated every iteration: real subtomograms); default auto: shell for continuous weights "
+                        "(CTF volumes, tilt stacks), white for binary missing regions")
     g.add_argument("--no-scale-correction", action="store_true",
                    help="do not bring --ref to the particles' intensity scale, nor estimate a scale per mask group (default: both)")
     g.add_argument("--max-resolution", type=float, metavar="A", help="work to this resolution in Å (crops the Fourier transform; default: full box)")
