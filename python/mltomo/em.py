@@ -126,16 +126,16 @@ def _reference_transforms(model: Model, sampling: Sampling, config: Config) -> n
     return reference_transforms(model.refs, sampling.pad, sampling.P_w, config.gridding)
 
 
-def _estep_iteration(model, sampling, config, data_w, masks_w, groups, rotations, rot_mask, seeds, bar,
+def _estep_iteration(model, Fref, sampling, config, data_w, masks_w, groups, rotations, rot_mask, seeds, bar,
                      halves=None, offsets=None):
-    """One E-step on this process's particles: ``(sums, half_sums, scores, counters)``.
+    """One E-step on this process's particles (``Fref``: the model's reference transforms):
+    ``(sums, half_sums, scores, counters)``.
 
     With ``seeds`` (first iteration of a reference-free start) each particle stays in its
     random subset. With ``halves`` (the adaptive scheme) each half set's sums are kept apart
     (``half_sums``, two :class:`Sums`; ``sums`` is then None until they are reduced);
     ``offsets`` ``(N, K)`` are added to every particle's log class priors (self-fit correction).
     """
-    Fref = _reference_transforms(model, sampling, config)
     with np.errstate(divide="ignore"):
         log_alpha = np.log(np.asarray(model.alpha, dtype=np.float64))
     lp = sampling.log_prior_shift(model.xi2_voxels)
@@ -244,8 +244,9 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         if self_fit and not (tied or seeded) and results is not None:
             offsets = _self_fit_offsets(model, results, particles, masks_w, sampling, N)
         masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
+        Fref = _reference_transforms(work, sampling, config)  # the E-step's, and the noise estimate's
         sums, half_sums, scores, counters = _estep_iteration(
-            work, sampling, config, noise.data(data_w, ngroups), masks_e, groups_e, rotations, rot_mask,
+            work, Fref, sampling, config, noise.data(data_w, ngroups), masks_e, groups_e, rotations, rot_mask,
             seeds if seeded else None, bar, halves=halves, offsets=offsets)
         if bar:
             bar.close()
@@ -272,7 +273,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         if not tied and config.mode != "cc":
             posteriors = _class_posteriors(scores, work, offsets, seeds if seeded else None)
         results = _particle_results(particles, scores, rotations, sampling, ll_i, pre_shift, posteriors)
-        noise = _next_noise(noise, work, results, particles, spectra_w, masks_w, sampling, config, ngroups, comm)
+        noise = _next_noise(noise, Fref, results, particles, spectra_w, masks_w, sampling, config, ngroups, comm)
         model = replace(model, noise=noise)
         if it == tied_until:  # the first split: the next E-step keeps every particle in its part
             masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
@@ -358,15 +359,15 @@ def _mode_for_weights(particles, config: Config, comm) -> Config:
     return replace(config, mode="ml-wa")
 
 
-def _next_noise(noise: NoiseModel, work: Model, results, particles, spectra_w, masks_w, sampling: Sampling,
+def _next_noise(noise: NoiseModel, Fref, results, particles, spectra_w, masks_w, sampling: Sampling,
                 config: Config, ngroups, comm) -> NoiseModel:
     """The scale and noise shape for the next E-step (:mod:`mltomo.noise`), estimated at the
-    most probable poses of this one; the same model when neither is estimated (collective)."""
+    most probable poses of this one (``Fref``: its reference transforms); the same model when
+    neither is estimated (collective)."""
     coloured = config.noise == "shell"
     scale = config.scale_correction and len(ngroups.labels) > 1
     if not (coloured or scale):
         return noise
-    Fref = _reference_transforms(work, sampling, config)
     sums = list(map_shell_sums(spectra_w, masks_w, particles.groups, results, Fref, sampling,
                                particles.voxel_size_angstrom, of=ngroups.of, n_groups=len(ngroups.labels)))
     comm.allreduce_sum(sums)

@@ -173,14 +173,14 @@ def map_shell_sums(spectra_w, masks_w, groups, results, Fref, sampling, voxel_si
     a, b, e, m = (np.zeros((G, S)) for _ in range(4))
     if len(spectra_w) == 0:
         return a, b, e, m
-    data = sampling.apply_shifts(spectra_w, np.asarray(results.shifts_angstrom) / voxel_size)
+    shifts = np.asarray(results.shifts_angstrom) / voxel_size
     R = geometry.euler_to_matrix(*np.asarray(results.angles, dtype=np.float64).T).reshape(-1, 3, 3)
     classes = np.asarray(results.classes, dtype=np.int64) - 1
-    for i in range(len(data)):
+    for i in range(len(spectra_w)):
         g, q = int(groups[i]), int(of[i])
         pred = _core.rotate_forward(Fref[classes[i]], sampling.pad, np.ascontiguousarray(R[i]), n_w,
                                     sampling.radius).ravel()
-        x = data[i].ravel()
+        x = sampling.apply_shifts(spectra_w[i : i + 1], shifts[i : i + 1])[0].ravel()  # one at a time: no copy of all
         hwi = hw * masks_w[g].ravel()
         a[q] += np.bincount(shells, hwi * (x.conj() * pred).real, S)
         b[q] += np.bincount(shells, hwi * np.abs(pred) ** 2, S)
