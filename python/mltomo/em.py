@@ -43,6 +43,7 @@ from mltomo.initial import (
 )
 from mltomo.model import Config, IterationStats, Model, ParticleResults, RefineResult, Sums
 from mltomo.mstep import MStepInputs, mstep
+from mltomo.narrowing import decide, local_range_deg
 from mltomo.noise import NoiseModel, estimate, map_shell_sums, noise_groups, scale_full_weights, warn_if_flat
 from mltomo.parallel import SerialComm
 from mltomo.reference import Constraints, lowpass, reference_transforms, soft_sphere
@@ -66,6 +67,8 @@ def check_inputs(particles, config: Config, comm=None, *, focus=None) -> None:
         raise ValueError(f"unknown noise model {config.noise!r}: use auto, white or shell")
     if config.scheme not in ("adaptive", "paper"):
         raise ValueError(f"unknown scheme {config.scheme!r}: use adaptive or paper")
+    if config.search not in ("global", "auto"):
+        raise ValueError(f"unknown search {config.search!r}: use global or auto")
     geometry.symmetry_group(config.sym)
     n = particles.box
     K = config.n_classes
@@ -234,7 +237,10 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     results = start_results
     for it in range(model.iteration + 1, config.iterations + 1):
         t_start = time.perf_counter()
-        rotations, rot_mask, pre_shift = search_space(config, it, group, particles, results)
+        local = bool(model.search_local) and config.search == "auto" and results is not None
+        it_config = replace(config, angular_range_deg=local_range_deg(config)) if local else config
+        rotations, rot_mask, pre_shift = search_space(it_config, it, group, particles, results)
+        prev_results, prev_ll, prev_noise = results, model.log_likelihood, model.search_noise
         data_w = spectra_w if pre_shift is None else sampling.apply_shifts(spectra_w, pre_shift)
         bar = progress(len(particles), f"iteration {it}") if progress else None
         tied = it <= tied_until
@@ -260,7 +266,8 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         split_seeded = seeded and tied_until > 0
         if split_seeded and scores.class_log_sum is not None:  # equal references: the same sum for every class
             scores.class_log_sum[:] = np.max(scores.class_log_sum, axis=1, keepdims=True)
-        ll_i = _log_likelihoods(scores, rot_mask, len(rotations), work, config,
+        # a local search of --search auto keeps the global grid's prior 1/R (mltomo.narrowing)
+        ll_i = _log_likelihoods(scores, None if local else rot_mask, len(rotations), work, config,
                                 corrected=offsets is not None or split_seeded)
         ll_i = ll_i + (0.0 if config.mode == "cc" else noise.log_normaliser(masks_w, sampling, ngroups))
         ll = comm.sum(float(ll_i.sum()))
@@ -274,7 +281,13 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             posteriors = _class_posteriors(scores, work, offsets, seeds if seeded else None)
         results = _particle_results(particles, scores, rotations, sampling, ll_i, pre_shift, posteriors)
         noise = _next_noise(noise, Fref, results, particles, spectra_w, masks_w, sampling, config, ngroups, comm)
-        model = replace(model, noise=noise)
+        free = not (tied or seeded) and it - 1 > tied_until and it - 1 != seed_it
+        decision = decide(config, was_local=local, prev=prev_results, results=results, log_likelihood=ll,
+                          prev_log_likelihood=prev_ll, n_total=N, group=group, comm=comm, eligible=free,
+                          noise=prev_noise)
+        if decision.message and comm.rank == 0:
+            log.info(f"iteration {it}: {decision.message}")
+        model = replace(model, noise=noise, search_local=decision.local, search_noise=decision.noise)
         if it == tied_until:  # the first split: the next E-step keeps every particle in its part
             masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
             seeds, model, results = _first_split(model, results, particles, noise.data(spectra_w, ngroups), masks_e,
@@ -288,6 +301,9 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             seconds_estep=t_e - t_start, seconds_mstep=t_m - t_e, seconds_total=time.perf_counter() - t_start,
             resolution_angstrom=(model.shells.resolution_angstrom(particles.box, voxel) if model.shells is not None
                                  else float("nan")),
+            search="local" if local or (config.angular_range_deg is not None and rot_mask is not None) else "global",
+            rotations_searched=(comm.sum(float(rot_mask.sum())) / max(N, 1) if rot_mask is not None
+                                else float(len(rotations))),
         )
         history.append(stats)
         _write(comm, results, out_dir, model, particles, config, sampling, stats)
@@ -426,7 +442,8 @@ def format_stats(s: IterationStats) -> str:
     return (f"it {s.iteration:3d}  logL {s.log_likelihood:.6e}  sigma {s.sigma:.4g}  xi {s.xi_voxels:.3g} vox  "
             f"alpha [{alpha}]  change [{ch}]  "
             + (f"res {s.resolution_angstrom:.1f} Å  " if math.isfinite(s.resolution_angstrom) else "")
-            + f"R={s.n_rotations} T={s.n_shifts}  "
+            + f"R={s.n_rotations}" + (f" (local, {s.rotations_searched:.0f} each)" if s.search == "local" else "")
+            + f" T={s.n_shifts}  "
             f"pruned {100 * s.pruned_fraction:.1f}%  {s.seconds_total:.1f} s "
             f"(E {s.seconds_estep:.1f}, M {s.seconds_mstep:.1f})")
 

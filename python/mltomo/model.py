@@ -52,6 +52,7 @@ class Config:
     scheme: str = "adaptive"  # "adaptive" (half-set FSC filter + self-fit correction) or "paper"
     angular_sampling_deg: float = 15.0
     angular_range_deg: float | None = None  # local search around the previous pose
+    search: str = "global"  # "global", or "auto": local once the poses have converged (mltomo.narrowing)
     perturb: bool = True
     no_rotate: bool = False
     no_align: bool = False
@@ -105,6 +106,8 @@ class Model:
     class_weights: np.ndarray | None = None  # (K,) W_k of the sums that made refs (None: α·N)
     shells: object = None  # mltomo.ssnr.ShellStats of the adaptive scheme's last M-step, or None
     noise: object = None  # mltomo.noise.NoiseModel the next E-step uses (None: white, scale 1)
+    search_local: bool = False  # the next iteration searches locally (search="auto": mltomo.narrowing)
+    search_noise: float = 0.0  # ... until the log-likelihood falls by more than this
 
     def weights(self, n_particles: int) -> np.ndarray:
         """``(K,)`` W_k, the summed class posteriors behind the references."""
@@ -143,6 +146,8 @@ class IterationStats:
     seconds_mstep: float
     seconds_total: float
     resolution_angstrom: float = float("nan")  # adaptive scheme: FSC-0.143 resolution of the classes
+    search: str = "global"  # this iteration's rotational search: "global", "local" (around the last poses)
+    rotations_searched: float = float("nan")  # mean rotations searched per particle
 
     @property
     def pruned_fraction(self) -> float:

@@ -112,6 +112,10 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         "mltomoWorkingBox": geo.n_w,
         "mltomoWorkingRadius": repr(float(geo.radius)),
         "mltomoRotations": stats.n_rotations,
+        "mltomoSearch": stats.search,
+        "mltomoRotationsPerParticle": repr(float(stats.rotations_searched)),
+        "mltomoNextSearchLocal": int(bool(model.search_local)),
+        "mltomoSearchNoise": repr(float(model.search_noise)),
         "mltomoTranslations": stats.n_shifts,
         "mltomoPrunedFraction": repr(float(stats.pruned_fraction)),
         "mltomoSecondsIteration": repr(float(stats.seconds_total)),
@@ -257,6 +261,8 @@ def read_iteration(out_dir, it: int, particle_indices=None) -> tuple[Model, Part
                        if "mltomoClassWeight" in cls.columns else None),
         shells=_read_shells(blocks, gen),
         noise=_read_noise(blocks),
+        search_local=bool(int(gen.get("mltomoNextSearchLocal", 0))),
+        search_noise=float(gen.get("mltomoSearchNoise", 0.0)),
     )
     df = read_star(f"{prefix}_data.star")["particles"]
     idx = np.arange(len(df)) if particle_indices is None else np.asarray(particle_indices)

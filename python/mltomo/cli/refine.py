@@ -57,6 +57,9 @@ def add_args(p):
     g.add_argument("--angular-range", type=float, metavar="DEG",
                    help="local search within DEG of each particle's previous pose (default: exhaustive search; paper: 50 with "
                         "10 deg sampling)")
+    g.add_argument("--search", choices=("global", "auto"), default="global",
+                   help="auto: search locally (within 2 angular steps of each particle's pose) once the poses have "
+                        "converged, globally again when the local search stops holding them (default: global)")
     g.add_argument("--no-perturb", action="store_true", help="do not re-orient the rotation grid randomly every iteration (default: re-oriented, as in the paper's runs)")
     g.add_argument("--no-rotate", action="store_true", help="keep each particle's rotation; search shifts and classes only (default: off)")
     g.add_argument("--no-align", action="store_true", help="keep rotations and shifts (classification only, paper Fig. 1E; default: off)")
@@ -101,7 +104,7 @@ def config_from_args(args):
     return Config(
         n_classes=args.classes, iterations=args.iter or Config.iterations, mode=args.mode, scheme=args.scheme,
         angular_sampling_deg=args.angular_sampling,
-        angular_range_deg=args.angular_range, perturb=not args.no_perturb, no_rotate=args.no_rotate,
+        angular_range_deg=args.angular_range, search=args.search, perturb=not args.no_perturb, no_rotate=args.no_rotate,
         no_align=args.no_align, max_shift_voxels=args.max_shift, xi0_voxels=args.xi0, missing=args.missing,
         weight_threshold=args.weight_threshold, weight_layout=args.weight_layout, weight_kind=args.weight_kind, tomograms=args.tomograms,
         noise=args.noise,
