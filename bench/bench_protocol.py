@@ -11,14 +11,15 @@ shifts ±3 voxels, SNR 0.05, reference-free K = 2 (the default scheme), 15° sam
 search, 40 iterations. ``--classes 3`` or ``4`` add the built-in phantoms (hollow double ring,
 and the same with a cap) as further classes.
 
-The two runs differ only in the E-step's shift kernel: ``default`` (``kernel="auto"``: the
+The two runs differ in the E-step's shift kernel: ``default`` (``kernel="auto"``: the
 pruned separable transform where the cost model says it is cheaper, ``cpp/src/shift_scores.cpp``)
 and ``exhaustive`` (``kernel="fft"``: one inverse FFT per particle, class and rotation, the
-kernel before issue 13). Both search every rotation and shift: mltomo has no coarse-to-fine
-stage yet (README, "What did not work"), so the ratio printed is the kernel's gain, not the
-issue's target of 15x. With ``--exhaustive-iterations N`` the exhaustive run stops after N
-iterations and its end-to-end seconds are extrapolated from its mean seconds per iteration
-(its purity and error are then those after N iterations, marked ``"extrapolated": true``).
+kernel before issue 13), and with ``--search auto`` in the rotations the default run searches
+(``mltomo.narrowing``: local once the poses have converged). Both search every shift, and
+mltomo has no coarse-to-fine stage (README, "What did not work"). With
+``--exhaustive-iterations N`` the exhaustive run stops after N iterations and its end-to-end
+seconds are extrapolated from its mean seconds per iteration (its purity and error are then
+those after N iterations, marked ``"extrapolated": true``).
 
 Prints one JSON line: per run seconds end to end, seconds per iteration (mean, and of the last
 iteration), purity, median angular error (modulo each class's symmetry), final log-likelihood;
@@ -54,7 +55,7 @@ def simulate_workload(args):
     return sim, groups
 
 
-def run(name, kernel, iterations, sim, groups, args, threads):
+def run(name, kernel, iterations, sim, groups, args, threads, search="global"):
     import numpy as np
 
     import mltomo.em as em
@@ -68,19 +69,21 @@ def run(name, kernel, iterations, sim, groups, args, threads):
     parts = particles_from_arrays(sim.volumes, sim.voxel_size, sim.missing_region)
     cfg = Config(n_classes=args.classes, iterations=iterations, angular_sampling_deg=args.sampling,
                  max_shift_voxels=3, missing=sim.missing_region, threads=threads, seed=args.seed, eps=0.0,
-                 scheme=args.scheme)
+                 scheme=args.scheme, search=search)
 
     def forced(*a, **kw):
         return estep(*a, **{**kw, "kernel": kernel})
 
-    per_iteration = []
+    per_iteration, searches = [], []
     em.estep, initial.estep = forced, forced
     t0 = time.perf_counter()
     try:
-        res = em.run_em(parts, cfg, callback=lambda s, m, r: per_iteration.append(s.seconds_total))
+        res = em.run_em(parts, cfg, callback=lambda s, m, r: (per_iteration.append(s.seconds_total),
+                                                               searches.append(s.search)))
     finally:
         em.estep, initial.estep = estep, estep
     seconds = time.perf_counter() - t0
+    local = [i + 1 for i, s in enumerate(searches) if s == "local"]
     found = res.particles
     true_cls = np.asarray(sim.classes)
     err = angular_errors(np.asarray(sim.rotations), euler_to_matrix(*found.angles.T), found.classes,
@@ -91,7 +94,8 @@ def run(name, kernel, iterations, sim, groups, args, threads):
             "purity": round(float(class_purity(true_cls, found.classes)), 4),
             "median_angular_error_deg": round(float(np.median(err)), 2),
             "log_likelihood": round(float(res.model.log_likelihood), 1),
-            "class_sizes": np.bincount(found.classes - 1, minlength=args.classes).tolist()}
+            "class_sizes": np.bincount(found.classes - 1, minlength=args.classes).tolist(),
+            "search": search, "local_iterations": local}
 
 
 def main(argv=None):
@@ -108,6 +112,8 @@ def main(argv=None):
     ap.add_argument("--exhaustive-iterations", type=int, default=None,
                     help="run the exhaustive E-step this many iterations only and extrapolate (default: all)")
     ap.add_argument("--scheme", default="adaptive", choices=("adaptive", "paper"))
+    ap.add_argument("--search", default="global", choices=("global", "auto"),
+                    help="rotational search of the default run (auto: local once converged)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="default: all cores")
     ap.add_argument("--data-dir", default=None)
@@ -121,7 +127,7 @@ def main(argv=None):
     threads = args.threads or _core.max_threads()
     load_before = os.getloadavg()
     sim, groups = simulate_workload(args)
-    default = run("default", "auto", args.iterations, sim, groups, args, threads)
+    default = run("default", "auto", args.iterations, sim, groups, args, threads, search=args.search)
     n_ex = min(args.exhaustive_iterations or args.iterations, args.iterations)
     exhaustive = run("exhaustive", "fft", n_ex, sim, groups, args, threads)
     exhaustive["extrapolated"] = n_ex < args.iterations
@@ -131,7 +137,7 @@ def main(argv=None):
     out = {"bench": "protocol",
            "workload": {"particles": args.particles, "box": args.box, "classes": args.classes,
                         "sampling_deg": args.sampling, "snr": args.snr, "iterations": args.iterations,
-                        "scheme": args.scheme, "seed": args.seed},
+                        "scheme": args.scheme, "seed": args.seed, "search": args.search},
            "default": default, "exhaustive": exhaustive,
            "speed_ratio": round(exhaustive["seconds"] / default["seconds"], 2),
            "target": {"seconds": 120, "speed_ratio": 15},
