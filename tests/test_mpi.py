@@ -101,7 +101,7 @@ def _readrun(out: Path, iterations: int):
         data = read_star(out / f"run_it{it:03d}_data.star")["particles"]
         its.append({
             "logl": float(gen["rlnLogLikelihood"]), "sigma2": float(gen["mltomoSigma2Noise"]),
-            "xi2": float(gen["mltomoXi2Voxels"]),
+            "xi2": float(gen["mltomoXi2Voxels"]), "search": str(gen["mltomoSearch"]),
             "alpha": model["model_classes"]["rlnClassDistribution"].to_numpy(np.float64),
             "maps": maps, "data": data,
         })
@@ -152,14 +152,20 @@ def grouped_dataset(tmp_path_factory):
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("case", ["white", "shell-noise-two-scales"])
+@pytest.mark.parametrize("case", ["white", "shell-noise-two-scales", "search-auto"])
 def test_two_ranks_agree_with_one(dataset, grouped_dataset, tmp_path, case):
     """Serial and two ranks agree; also with σ²(shell) and a scale per optics group, the second
-    group held by rank 1 alone (its label and sums must reach rank 0)."""
+    group held by rank 1 alone (its label and sums must reach rank 0), and with ``--search auto``
+    (its decision sums over ranks; the search narrows after iteration 6 here)."""
     options = list(REFINE)
-    if case != "white":
+    iterations = 3
+    if case == "shell-noise-two-scales":
         dataset = grouped_dataset
         options += ["--noise", "shell"]
+    if case == "search-auto":
+        iterations = 9
+        options[options.index("--iter") + 1] = str(iterations)
+        options += ["--search", "auto"]
     rc, out1, err1 = run([sys.executable, "-c", _SERIAL, "refine", dataset, "--out", tmp_path / "serial", *options],
                           tmp_path)
     assert rc == 0, err1
@@ -176,7 +182,8 @@ def test_two_ranks_agree_with_one(dataset, grouped_dataset, tmp_path, case):
     assert sorted(p.name for p in serial.iterdir()) == sorted(p.name for p in mpi.iterdir())
     from mltomo.geometry import euler_to_matrix
 
-    for it, (a, b) in enumerate(zip(_readrun(serial, 3), _readrun(mpi, 3)), start=1):
+    for it, (a, b) in enumerate(zip(_readrun(serial, iterations), _readrun(mpi, iterations)), start=1):
+        assert b["search"] == a["search"], it
         assert b["logl"] == pytest.approx(a["logl"], rel=1e-6, abs=1e-6), it
         assert b["sigma2"] == pytest.approx(a["sigma2"], rel=1e-6), it
         assert b["xi2"] == pytest.approx(a["xi2"], rel=1e-5), it
@@ -198,7 +205,9 @@ def test_two_ranks_agree_with_one(dataset, grouped_dataset, tmp_path, case):
                                    da["rlnMaxValueProbDistribution"].to_numpy(np.float64), atol=1e-5)
     # Not a trivial agreement: both ranks' particles were classified, into both classes.
     assert set(a["data"]["rlnClassNumber"]) == {1, 2}
-    if case != "white":  # the estimated scales and noise agree too, and the scales are not 1
+    if case == "search-auto":
+        assert "local" in [r["search"] for r in _readrun(serial, iterations)]
+    if case == "shell-noise-two-scales":  # the estimated scales and noise agree too, and the scales are not 1
         from mltomo.io import read_star
 
         ga, gb = (read_star(d / "run_it003_model.star") for d in (serial, mpi))
