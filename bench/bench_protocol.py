@@ -58,9 +58,7 @@ def simulate_workload(args):
 def run(name, kernel, iterations, sim, groups, args, threads, search="global"):
     import numpy as np
 
-    import mltomo.em as em
-    import mltomo.initial as initial
-    from mltomo.estep import estep
+    from mltomo.em import run_em
     from mltomo.evaluate import angular_errors, class_purity
     from mltomo.geometry import euler_to_matrix
     from mltomo.model import Config
@@ -69,21 +67,12 @@ def run(name, kernel, iterations, sim, groups, args, threads, search="global"):
     parts = particles_from_arrays(sim.volumes, sim.voxel_size, sim.missing_region)
     cfg = Config(n_classes=args.classes, iterations=iterations, angular_sampling_deg=args.sampling,
                  max_shift_voxels=3, missing=sim.missing_region, threads=threads, seed=args.seed, eps=0.0,
-                 scheme=args.scheme, search=search)
-
-    def forced(*a, **kw):
-        return estep(*a, **{**kw, "kernel": kernel})
-
-    per_iteration, searches = [], []
-    em.estep, initial.estep = forced, forced
+                 scheme=args.scheme, search=search, kernel=kernel)
     t0 = time.perf_counter()
-    try:
-        res = em.run_em(parts, cfg, callback=lambda s, m, r: (per_iteration.append(s.seconds_total),
-                                                               searches.append(s.search)))
-    finally:
-        em.estep, initial.estep = estep, estep
+    res = run_em(parts, cfg)
     seconds = time.perf_counter() - t0
-    local = [i + 1 for i, s in enumerate(searches) if s == "local"]
+    per_iteration = [h.seconds_total for h in res.history]
+    local = [h.iteration for h in res.history if h.search == "local"]
     found = res.particles
     true_cls = np.asarray(sim.classes)
     err = angular_errors(np.asarray(sim.rotations), euler_to_matrix(*found.angles.T), found.classes,

@@ -32,7 +32,7 @@ from dataclasses import replace
 import numpy as np
 
 from mltomo import geometry
-from mltomo.estep import estep
+from mltomo.estep import KERNELS, estep
 from mltomo.initial import (
     estep_seeded,
     initial_references,
@@ -69,6 +69,8 @@ def check_inputs(particles, config: Config, comm=None, *, focus=None) -> None:
         raise ValueError(f"unknown scheme {config.scheme!r}: use adaptive or paper")
     if config.search not in ("global", "auto"):
         raise ValueError(f"unknown search {config.search!r}: use global or auto")
+    if config.kernel not in KERNELS:
+        raise ValueError(f"unknown E-step kernel {config.kernel!r}: use {', '.join(KERNELS)}")
     geometry.symmetry_group(config.sym)
     n = particles.box
     K = config.n_classes
@@ -143,7 +145,8 @@ def _estep_iteration(model, Fref, sampling, config, data_w, masks_w, groups, rot
         log_alpha = np.log(np.asarray(model.alpha, dtype=np.float64))
     lp = sampling.log_prior_shift(model.xi2_voxels)
     kwargs = dict(mode="cc" if config.mode == "cc" else "ml", prune=config.prune, nthreads=config.threads,
-                  memory_budget_bytes=config.memory_budget_bytes, progress=bar.update if bar else None)
+                  memory_budget_bytes=config.memory_budget_bytes, kernel=config.kernel,
+                  progress=bar.update if bar else None)
 
     if seeds is not None:
         sums, scores, counters = estep_seeded(seeds, Fref, sampling, data_w, masks_w, groups, rotations, lp,
@@ -301,7 +304,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             seconds_estep=t_e - t_start, seconds_mstep=t_m - t_e, seconds_total=time.perf_counter() - t_start,
             resolution_angstrom=(model.shells.resolution_angstrom(particles.box, voxel) if model.shells is not None
                                  else float("nan")),
-            search="local" if local or (config.angular_range_deg is not None and rot_mask is not None) else "global",
+            search="local" if rot_mask is not None and not (config.no_align or config.no_rotate) else "global",
             rotations_searched=(comm.sum(float(rot_mask.sum())) / max(N, 1) if rot_mask is not None
                                 else float(len(rotations))),
         )

@@ -175,7 +175,7 @@ def reference_scale(refs, particles, spectra_w, masks_w, sampling: Sampling, con
     _, scores, _ = estep(Fref, sampling.pad, data_w, masks_w, particles.groups, sampling.radius, rotations,
                          sampling.shifts, sampling.log_prior_shift(config.xi0_voxels**2), np.full(K, -np.log(K)),
                          1.0, rot_mask=rot_mask, mode="cc", nthreads=config.threads,
-                         memory_budget_bytes=config.memory_budget_bytes)
+                         memory_budget_bytes=config.memory_budget_bytes, kernel=config.kernel)
     t = sampling.shifts[np.clip(scores.best_shift, 0, None)].astype(np.float64) * sampling.scale
     if pre_shift is not None:
         t = t + pre_shift

@@ -85,6 +85,7 @@ class Config:
     threads: int = 0
     initial_lowpass_angstrom: float | None = None
     prune: float = 1e-8
+    kernel: str = "auto"  # how the E-step scores shifts: "auto", "fft" or "pruned" (mltomo.estep)
     memory_budget_bytes: int = 1 << 30
     rotations: object = None  # optional explicit (R, 3, 3) rotation list (tests, experiments)
 

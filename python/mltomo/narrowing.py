@@ -103,17 +103,16 @@ def decide(config, *, was_local: bool, prev, results, log_likelihood: float, pre
     step = float(config.angular_sampling_deg)
     d = _moved(prev, results, group, config.n_classes, comm)
     N = max(int(n_total), 1)
+    moved = comm.sum(float(np.sum(d > EDGE_STEPS * step))) / N  # beyond what a local search reaches
     if was_local:
-        edge = comm.sum(float(np.sum(d > EDGE_STEPS * step))) / N
         drop = prev_log_likelihood - log_likelihood
-        if edge > EDGE_FRACTION:
-            return Decision(False, f"search widened: {100 * edge:.1f}% of the particles found their best rotation "
+        if moved > EDGE_FRACTION:
+            return Decision(False, f"search widened: {100 * moved:.1f}% of the particles found their best rotation "
                                    f"at the edge of the ±{local_range_deg(config):g}° local search")
         if drop > noise:
             return Decision(False, f"search widened: the log-likelihood fell by {drop:.4g} "
                                    f"({drop / N:.2f} per particle; more than {noise:.4g})")
         return Decision(True, noise=noise)
-    moved = comm.sum(float(np.sum(d > EDGE_STEPS * step))) / N
     changed = comm.sum(float(np.sum(np.asarray(prev.classes) != np.asarray(results.classes)))) / N
     if moved <= MOVED_FRACTION and changed <= CLASS_FRACTION:
         noise = max(DROP_PER_PARTICLE * N, NOISE_FACTOR * abs(log_likelihood - prev_log_likelihood))
