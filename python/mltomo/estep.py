@@ -19,6 +19,7 @@ from mltomo.model import ParticleScores, Sums
 
 MODES = {"ml": 0, "cc": 1}
 KERNELS = ("auto", "fft", "pruned")
+ROTATED_CACHE_BYTES = 256 << 20  # the core keeps every rotated reference if they fit in this
 
 
 def estep(
@@ -109,6 +110,8 @@ def estep(
         refs=refs, pad=float(pad), masks=masks, radius=float(radius), rotations=rotations,
         shifts=shifts, log_prior_shift=log_prior_shift, log_alpha=log_alpha, sigma2=float(sigma2),
         mode=mode, prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block), kernel=kernel,
+        # with several chunks, every chunk would rotate the references again unless they are kept
+        rotated_cache_bytes=float(max(ROTATED_CACHE_BYTES, memory_budget_bytes if N > chunk else 0)),
     )
     if rot_mass:
         scores.rot_mass = np.zeros((N, R))
