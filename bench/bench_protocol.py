@@ -11,12 +11,13 @@ shifts ±3 voxels, SNR 0.05, reference-free K = 2 (the default scheme), 15° sam
 search, 40 iterations. ``--classes 3`` or ``4`` add the built-in phantoms (hollow double ring,
 and the same with a cap) as further classes.
 
-The two runs differ in the E-step's shift kernel: ``default`` (``kernel="auto"``: the
-pruned separable transform where the cost model says it is cheaper, ``cpp/src/shift_scores.cpp``)
-and ``exhaustive`` (``kernel="fft"``: one inverse FFT per particle, class and rotation, the
-kernel before issue 13), and with ``--search auto`` in the rotations the default run searches
-(``mltomo.narrowing``: local once the poses have converged). Both search every shift, and
-mltomo has no coarse-to-fine stage (README, "What did not work"). With
+The runs differ in the E-step: ``default`` is mltomo's default (``kernel="auto"``, the pruned
+separable transform where the cost model says it is cheaper, ``cpp/src/shift_scores.cpp``; and
+the coarse-to-fine rotational search, ``mltomo.coarse``, unless ``--coarse off``); ``exhaustive``
+is the E-step before issue 13 (``kernel="fft"``: one inverse FFT per particle, class, rotation;
+every rotation searched). ``--fidelity`` adds ``no_coarse``: the default kernel searching every
+rotation, all iterations, to show what the coarse stage changes. ``--search auto`` narrows the
+default run once the poses have converged (``mltomo.narrowing``). With
 ``--exhaustive-iterations N`` the exhaustive run stops after N iterations and its end-to-end
 seconds are extrapolated from its mean seconds per iteration (its purity and error are then
 those after N iterations, marked ``"extrapolated": true``).
@@ -55,7 +56,7 @@ def simulate_workload(args):
     return sim, groups
 
 
-def run(name, kernel, iterations, sim, groups, args, threads, search="global"):
+def run(name, kernel, iterations, sim, groups, args, threads, search="global", coarse=False):
     import numpy as np
 
     from mltomo.em import run_em
@@ -67,7 +68,8 @@ def run(name, kernel, iterations, sim, groups, args, threads, search="global"):
     parts = particles_from_arrays(sim.volumes, sim.voxel_size, sim.missing_region)
     cfg = Config(n_classes=args.classes, iterations=iterations, angular_sampling_deg=args.sampling,
                  max_shift_voxels=3, missing=sim.missing_region, threads=threads, seed=args.seed, eps=0.0,
-                 scheme=args.scheme, search=search, kernel=kernel)
+                 scheme=args.scheme, search=search, kernel=kernel,
+                 coarse_to_fine=coarse)
     t0 = time.perf_counter()
     res = run_em(parts, cfg)
     seconds = time.perf_counter() - t0
@@ -84,7 +86,11 @@ def run(name, kernel, iterations, sim, groups, args, threads, search="global"):
             "median_angular_error_deg": round(float(np.median(err)), 2),
             "log_likelihood": round(float(res.model.log_likelihood), 1),
             "class_sizes": np.bincount(found.classes - 1, minlength=args.classes).tolist(),
-            "search": search, "local_iterations": local}
+            "search": search, "local_iterations": local, "coarse_to_fine": coarse,
+            "coarse_iterations": [h.iteration for h in res.history if h.search == "coarse-to-fine"],
+            "coarse_missed_nats_max": round(max([h.coarse_missed for h in res.history if h.coarse_rotations]
+                                                or [0.0]), 3),
+            "rotations_per_particle_last": round(res.history[-1].rotations_searched, 1)}
 
 
 def main(argv=None):
@@ -103,6 +109,11 @@ def main(argv=None):
     ap.add_argument("--scheme", default="adaptive", choices=("adaptive", "paper"))
     ap.add_argument("--search", default="global", choices=("global", "auto"),
                     help="rotational search of the default run (auto: local once converged)")
+    ap.add_argument("--coarse", default="on", choices=("on", "off"),
+                    help="coarse-to-fine search in the default run (mltomo.coarse; default on)")
+    ap.add_argument("--fidelity", action="store_true",
+                    help="also run the default kernel without the coarse stage, all iterations (does the "
+                         "coarse stage change the answer?)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="default: all cores")
     ap.add_argument("--data-dir", default=None)
@@ -116,7 +127,11 @@ def main(argv=None):
     threads = args.threads or _core.max_threads()
     load_before = os.getloadavg()
     sim, groups = simulate_workload(args)
-    default = run("default", "auto", args.iterations, sim, groups, args, threads, search=args.search)
+    default = run("default", "auto", args.iterations, sim, groups, args, threads, search=args.search,
+                  coarse=args.coarse == "on")
+    fidelity = None
+    if args.fidelity:
+        fidelity = run("no-coarse", "auto", args.iterations, sim, groups, args, threads, search=args.search)
     n_ex = min(args.exhaustive_iterations or args.iterations, args.iterations)
     exhaustive = run("exhaustive", "fft", n_ex, sim, groups, args, threads)
     exhaustive["extrapolated"] = n_ex < args.iterations
@@ -126,8 +141,8 @@ def main(argv=None):
     out = {"bench": "protocol",
            "workload": {"particles": args.particles, "box": args.box, "classes": args.classes,
                         "sampling_deg": args.sampling, "snr": args.snr, "iterations": args.iterations,
-                        "scheme": args.scheme, "seed": args.seed, "search": args.search},
-           "default": default, "exhaustive": exhaustive,
+                        "scheme": args.scheme, "seed": args.seed, "search": args.search, "coarse": args.coarse},
+           "default": default, "exhaustive": exhaustive, **({"no_coarse": fidelity} if fidelity else {}),
            "speed_ratio": round(exhaustive["seconds"] / default["seconds"], 2),
            "target": {"seconds": 120, "speed_ratio": 15},
            "fftw": mltomo.fftw_version(), "threads": threads,

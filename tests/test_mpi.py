@@ -207,6 +207,8 @@ def test_two_ranks_agree_with_one(dataset, grouped_dataset, tmp_path, case):
     assert set(a["data"]["rlnClassNumber"]) == {1, 2}
     if case == "search-auto":
         assert "local" in [r["search"] for r in _readrun(serial, iterations)]
+    if case == "white":  # the default coarse-to-fine search: its coarse pass and audit span both ranks
+        assert "coarse-to-fine" in [r["search"] for r in _readrun(serial, iterations)]
     if case == "shell-noise-two-scales":  # the estimated scales and noise agree too, and the scales are not 1
         from mltomo.io import read_star
 

@@ -31,6 +31,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from mltomo import coarse as coarse_search
 from mltomo import geometry
 from mltomo.estep import KERNELS, estep
 from mltomo.initial import (
@@ -47,7 +48,7 @@ from mltomo.narrowing import decide, local_range_deg
 from mltomo.noise import NoiseModel, estimate, map_shell_sums, noise_groups, scale_full_weights, warn_if_flat
 from mltomo.parallel import SerialComm
 from mltomo.reference import Constraints, lowpass, reference_transforms, soft_sphere
-from mltomo.sampling import Sampling, same_rotations_every_iteration, search_space
+from mltomo.sampling import Sampling, rotation_grid, same_rotations_every_iteration, search_space
 from mltomo.split import one_class, pca_split, replicate
 from mltomo.ssnr import effective_components, half_sets, self_fit_offsets
 
@@ -69,6 +70,8 @@ def check_inputs(particles, config: Config, comm=None, *, focus=None) -> None:
         raise ValueError(f"unknown scheme {config.scheme!r}: use adaptive or paper")
     if config.search not in ("global", "auto"):
         raise ValueError(f"unknown search {config.search!r}: use global or auto")
+    if not config.coarse_window > 0:
+        raise ValueError(f"coarse_window must be positive (nats), got {config.coarse_window}")
     if config.kernel not in KERNELS:
         raise ValueError(f"unknown E-step kernel {config.kernel!r}: use {', '.join(KERNELS)}")
     geometry.symmetry_group(config.sym)
@@ -132,7 +135,7 @@ def _reference_transforms(model: Model, sampling: Sampling, config: Config) -> n
 
 
 def _estep_iteration(model, Fref, sampling, config, data_w, masks_w, groups, rotations, rot_mask, seeds, bar,
-                     halves=None, offsets=None):
+                     halves=None, offsets=None, rot_mass=False):
     """One E-step on this process's particles (``Fref``: the model's reference transforms):
     ``(sums, half_sums, scores, counters)``.
 
@@ -155,7 +158,7 @@ def _estep_iteration(model, Fref, sampling, config, data_w, masks_w, groups, rot
         la = log_alpha if offsets is None else log_alpha[None, :] + offsets
         sums, scores, counters = estep(Fref, sampling.pad, data_w, masks_w, groups, sampling.radius, rotations,
                                        sampling.shifts, lp, la, model.sigma2, rot_mask=rot_mask, halves=halves,
-                                       **kwargs)
+                                       rot_mass=rot_mass, **kwargs)
     if halves is None:
         return sums, None, scores, counters
     return None, sums, scores, counters
@@ -254,12 +257,23 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             offsets = _self_fit_offsets(model, results, particles, masks_w, sampling, N)
         masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
         Fref = _reference_transforms(work, sampling, config)  # the E-step's, and the noise estimate's
+        data_e = noise.data(data_w, ngroups)
+        window = model.coarse_window or config.coarse_window
+        coarse = None
+        if coarse_search.applies(it_config, rot_mask, seeded, len(rotations)):
+            coarse = _coarse_pass(work, Fref, sampling, config, data_e, masks_e, groups_e, it, group, rotations,
+                                  offsets, window, particles, N)
+            rot_mask = coarse.rot_mask
         sums, half_sums, scores, counters = _estep_iteration(
-            work, Fref, sampling, config, noise.data(data_w, ngroups), masks_e, groups_e, rotations, rot_mask,
-            seeds if seeded else None, bar, halves=halves, offsets=offsets)
+            work, Fref, sampling, config, data_e, masks_e, groups_e, rotations, rot_mask,
+            seeds if seeded else None, bar, halves=halves, offsets=offsets, rot_mass=coarse is not None)
         if bar:
             bar.close()
         t_e = time.perf_counter()
+        next_window, missed = 0.0, float("nan")
+        if coarse is not None:
+            counters["samples"] += coarse.samples
+            next_window, missed = _audit(coarse, scores, window, config, comm, it)
         sums, counts = _reduce(sums, half_sums, counters, comm)
         for s in [sums] + (half_sums or []):
             s.Mfull = scale_full_weights(s.Mfull, noise, ngroups.counts, sampling.pad)
@@ -270,7 +284,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         if split_seeded and scores.class_log_sum is not None:  # equal references: the same sum for every class
             scores.class_log_sum[:] = np.max(scores.class_log_sum, axis=1, keepdims=True)
         # a local search of --search auto keeps the global grid's prior 1/R (mltomo.narrowing)
-        ll_i = _log_likelihoods(scores, None if local else rot_mask, len(rotations), work, config,
+        ll_i = _log_likelihoods(scores, None if local or coarse is not None else rot_mask, len(rotations), work, config,
                                 corrected=offsets is not None or split_seeded)
         ll_i = ll_i + (0.0 if config.mode == "cc" else noise.log_normaliser(masks_w, sampling, ngroups))
         ll = comm.sum(float(ll_i.sum()))
@@ -290,7 +304,8 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
                           noise=prev_noise)
         if decision.message and comm.rank == 0:
             log.info(f"iteration {it}: {decision.message}")
-        model = replace(model, noise=noise, search_local=decision.local, search_noise=decision.noise)
+        model = replace(model, noise=noise, search_local=decision.local, search_noise=decision.noise,
+                        coarse_window=next_window if coarse is not None else model.coarse_window)
         if it == tied_until:  # the first split: the next E-step keeps every particle in its part
             masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
             seeds, model, results = _first_split(model, results, particles, noise.data(spectra_w, ngroups), masks_e,
@@ -304,9 +319,12 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             seconds_estep=t_e - t_start, seconds_mstep=t_m - t_e, seconds_total=time.perf_counter() - t_start,
             resolution_angstrom=(model.shells.resolution_angstrom(particles.box, voxel) if model.shells is not None
                                  else float("nan")),
-            search="local" if rot_mask is not None and not (config.no_align or config.no_rotate) else "global",
+            search=("coarse-to-fine" if coarse is not None else
+                    "local" if rot_mask is not None and not (config.no_align or config.no_rotate) else "global"),
             rotations_searched=(comm.sum(float(rot_mask.sum())) / max(N, 1) if rot_mask is not None
                                 else float(len(rotations))),
+            coarse_rotations=coarse.n_coarse if coarse is not None else 0,
+            coarse_window=window if coarse is not None else float("nan"), coarse_missed=missed,
         )
         history.append(stats)
         _write(comm, results, out_dir, model, particles, config, sampling, stats)
@@ -354,6 +372,37 @@ def _first_split(model: Model, results: ParticleResults, particles, spectra_w, m
     model = replace(model, alpha=W / N, class_weights=W)
     results = replace(results, classes=seeds + 1, class_posteriors=np.eye(K)[seeds])
     return seeds, model, results
+
+
+def _coarse_pass(work: Model, Fref, sampling: Sampling, config: Config, data_e, masks_e, groups_e, it: int, group,
+                 rotations, offsets, window: float, particles, N: int):
+    """The coarse pass of a coarse-to-fine iteration (:mod:`mltomo.coarse`): each particle's fine
+    rotations, and the particles audited with an exhaustive search."""
+    with np.errstate(divide="ignore"):
+        log_alpha = np.log(np.asarray(work.alpha, dtype=np.float64))
+    la = log_alpha if offsets is None else log_alpha[None, :] + offsets
+    coarse_rotations = rotation_grid(replace(config, angular_sampling_deg=coarse_search.COARSE_FACTOR *
+                                             config.angular_sampling_deg), it, group)
+    audit = coarse_search.audit_set(config, it, particles.indices, N)
+    return coarse_search.plan(estep, Fref, sampling, config, data_e, masks_e, groups_e, coarse_rotations, rotations,
+                              group, sampling.log_prior_shift(work.xi2_voxels), la, work.sigma2, window, audit)
+
+
+def _audit(coarse, scores, window: float, config: Config, comm, it: int):
+    """``(next window, mean nats missed)`` from the audited particles' exhaustive posteriors."""
+    missed = coarse_search.missed_nats(scores.rot_mass, coarse)
+    n_audit = comm.sum(float(len(missed)))
+    n_failed = comm.sum(float((missed > coarse_search.AUDIT_TOLERANCE).sum()))
+    mean_missed = comm.sum(float(missed.sum())) / max(n_audit, 1.0)
+    rot_per = comm.sum(float(coarse.rot_mask[~coarse.audit].sum())) / max(comm.sum(float((~coarse.audit).sum())), 1.0)
+    nxt = coarse_search.next_window(window, config.coarse_window, n_failed)
+    if comm.rank == 0:
+        msg = (f"iteration {it}: coarse-to-fine, {coarse.n_coarse} coarse rotations, window {window:.0f} nats, "
+               f"{rot_per:.0f} fine rotations per particle; audit of {n_audit:.0f}: mean {mean_missed:.3g} nats missed")
+        if n_failed:
+            msg += f", {n_failed:.0f} missed > {coarse_search.AUDIT_TOLERANCE:g}: window {nxt:.0f} next"
+        (log.info if n_failed else log.debug)(msg)
+    return nxt, mean_missed
 
 
 def _mode_for_weights(particles, config: Config, comm) -> Config:

@@ -53,6 +53,8 @@ class Config:
     angular_sampling_deg: float = 15.0
     angular_range_deg: float | None = None  # local search around the previous pose
     search: str = "global"  # "global", or "auto": local once the poses have converged (mltomo.narrowing)
+    coarse_to_fine: bool = True  # a global search scores a coarse grid first (mltomo.coarse)
+    coarse_window: float = 100.0  # nats: the coarse rotations kept below each particle's best
     perturb: bool = True
     no_rotate: bool = False
     no_align: bool = False
@@ -109,6 +111,7 @@ class Model:
     noise: object = None  # mltomo.noise.NoiseModel the next E-step uses (None: white, scale 1)
     search_local: bool = False  # the next iteration searches locally (search="auto": mltomo.narrowing)
     search_noise: float = 0.0  # ... until the log-likelihood falls by more than this
+    coarse_window: float = 0.0  # the next coarse-to-fine iteration's window, nats (0: the configured one)
 
     def weights(self, n_particles: int) -> np.ndarray:
         """``(K,)`` W_k, the summed class posteriors behind the references."""
@@ -149,6 +152,9 @@ class IterationStats:
     resolution_angstrom: float = float("nan")  # adaptive scheme: FSC-0.143 resolution of the classes
     search: str = "global"  # this iteration's rotational search: "global", "local" (around the last poses)
     rotations_searched: float = float("nan")  # mean rotations searched per particle
+    coarse_rotations: int = 0  # coarse-to-fine: rotations of the coarse pass (0: none)
+    coarse_window: float = float("nan")  # coarse-to-fine: the window used, nats
+    coarse_missed: float = float("nan")  # coarse-to-fine: mean mass the audited particles' windows missed, nats
 
     @property
     def pruned_fraction(self) -> float:

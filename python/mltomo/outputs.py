@@ -116,6 +116,10 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         "mltomoRotationsPerParticle": repr(float(stats.rotations_searched)),
         "mltomoNextSearchLocal": int(bool(model.search_local)),
         "mltomoSearchNoise": repr(float(model.search_noise)),
+        "mltomoCoarseRotations": int(stats.coarse_rotations),
+        "mltomoCoarseWindow": repr(float(stats.coarse_window)),
+        "mltomoCoarseMissedNats": repr(float(stats.coarse_missed)),
+        "mltomoNextCoarseWindow": repr(float(model.coarse_window)),
         "mltomoTranslations": stats.n_shifts,
         "mltomoPrunedFraction": repr(float(stats.pruned_fraction)),
         "mltomoSecondsIteration": repr(float(stats.seconds_total)),
@@ -263,6 +267,7 @@ def read_iteration(out_dir, it: int, particle_indices=None) -> tuple[Model, Part
         noise=_read_noise(blocks),
         search_local=bool(int(gen.get("mltomoNextSearchLocal", 0))),
         search_noise=float(gen.get("mltomoSearchNoise", 0.0)),
+        coarse_window=float(gen.get("mltomoNextCoarseWindow", 0.0)),
     )
     df = read_star(f"{prefix}_data.star")["particles"]
     idx = np.arange(len(df)) if particle_indices is None else np.asarray(particle_indices)

@@ -17,6 +17,8 @@ log = logging.getLogger("mltomo")
 
 
 def add_args(p):
+    from mltomo.model import Config
+
     p.add_argument("particles", nargs="?", help="particle table (RELION STAR: rlnImageName, optional priors and regions)")
     p.add_argument("--out", help="output directory (created; must be empty or absent)")
     p.add_argument("--continue", dest="cont", metavar="DIR",
@@ -60,6 +62,12 @@ def add_args(p):
     g.add_argument("--search", choices=("global", "auto"), default="global",
                    help="auto: search locally (within 2 angular steps of each particle's pose) once the poses have "
                         "converged, globally again when the local search stops holding them (default: global)")
+    g.add_argument("--coarse", choices=("on", "off"), default="on" if Config.coarse_to_fine else "off",
+                   help="on: a global search scores a grid twice as coarse at low resolution first and searches only "
+                        "the fine rotations near the coarse ones within --coarse-window of each particle's best, "
+                        "checked every iteration on a few particles searched exhaustively (default: %(default)s)")
+    g.add_argument("--coarse-window", type=float, default=Config.coarse_window, metavar="NATS",
+                   help="coarse rotations kept: log posterior within NATS of the particle's best (default %(default)g)")
     g.add_argument("--no-perturb", action="store_true", help="do not re-orient the rotation grid randomly every iteration (default: re-oriented, as in the paper's runs)")
     g.add_argument("--no-rotate", action="store_true", help="keep each particle's rotation; search shifts and classes only (default: off)")
     g.add_argument("--no-align", action="store_true", help="keep rotations and shifts (classification only, paper Fig. 1E; default: off)")
@@ -104,7 +112,8 @@ def config_from_args(args):
     return Config(
         n_classes=args.classes, iterations=args.iter or Config.iterations, mode=args.mode, scheme=args.scheme,
         angular_sampling_deg=args.angular_sampling,
-        angular_range_deg=args.angular_range, search=args.search, perturb=not args.no_perturb, no_rotate=args.no_rotate,
+        angular_range_deg=args.angular_range, search=args.search,
+        coarse_to_fine=args.coarse == "on", coarse_window=args.coarse_window, perturb=not args.no_perturb, no_rotate=args.no_rotate,
         no_align=args.no_align, max_shift_voxels=args.max_shift, xi0_voxels=args.xi0, missing=args.missing,
         weight_threshold=args.weight_threshold, weight_layout=args.weight_layout, weight_kind=args.weight_kind, tomograms=args.tomograms,
         noise=args.noise,
@@ -137,6 +146,7 @@ def check_args(args) -> None:
     need(args.threads >= 0, "--threads", args.threads, "must be 0 (all cores) or a positive count")
     need(args.impute_iter >= 1, "--impute-iter", args.impute_iter, "need at least one imputation iteration")
     need(args.reg_steps >= 0, "--reg-steps", args.reg_steps, "must not be negative")
+    positive("--coarse-window", args.coarse_window, allow_none=False)
     for option, value in (("--reg0", args.reg0), ("--regF", args.regF), ("--wa-threshold", args.wa_threshold)):
         need(math.isfinite(value) and value >= 0, option, value, "must be a non-negative number")
     positive("--angular-sampling", args.angular_sampling, allow_none=False)

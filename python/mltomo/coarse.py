@@ -1,0 +1,165 @@
+"""Coarse-to-fine rotational search (issue 13): a cheap first pass picks each particle's fine rotations.
+
+An iteration of a global search first scores every particle, class and shift on a grid
+``COARSE_FACTOR`` times coarser than the fine one, over the working set only to the radius
+``r_c = COARSE_RADIUS / θ_c`` (``θ_c`` the coarse step in radians; the shifts stay those of the
+fine search), without accumulating anything. Let ``L_i(c) = log Σ_{k,t} p(k, c, t | X_i)`` be
+the coarse pass's log posterior of coarse rotation ``c`` (summed over classes and shifts) and
+``L_i* = max_c L_i(c)``. Particle ``i`` then searches the fine rotations within ``d_child`` of
+the coarse rotations inside its window,
+
+    F_i = { r : dist(r, c) ≤ d_child for some c with L_i(c) ≥ L_i* − Δ },
+
+where ``d_child`` is 1.15 times the coarse grid's covering radius of the fine grid (every fine
+rotation lies within ``d_child`` of at least one coarse rotation). The fine E-step over ``F_i``
+is the exhaustive one restricted to ``F_i``; its log-likelihood keeps the global prior ``1/R``
+(like a narrowed search, :mod:`mltomo.narrowing`), so it equals the exhaustive one less the
+posterior mass outside ``F_i``.
+
+The window ``Δ`` (nats, ``Config.coarse_window``) is checked every iteration, not assumed: a few
+particles (``AUDIT_FRACTION``, at least ``AUDIT_MIN``) picked at random by ``(seed,
+iteration)`` are searched exhaustively, and for each the mass its window would have missed,
+``m_i = −log Σ_{r ∈ F_i} p(r | X_i)`` (nats), is measured. If any audited particle misses more
+than ``AUDIT_TOLERANCE`` nats, the next iteration's window is ``WIDEN`` times wider; after an
+audit with nothing missed it relaxes by ``RELAX`` toward the configured value. Each iteration
+logs (and the model file records) the window, the coarse and fine rotations per particle and
+the audit's largest miss.
+
+The coarse pass is at a low radius because the fine posterior is sharper than the coarse grid:
+on near-symmetric particles (GroEL in C1) the best fine rotation can lie near a symmetry copy
+that the coarse grid happens to sample badly (README, "Coarse-to-fine search").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from mltomo.model import Config
+
+COARSE_FACTOR = 2.0  # coarse step / fine step
+COARSE_RADIUS = 3.0  # r_c = COARSE_RADIUS / θ_c (θ_c in radians), at least MIN_RADIUS
+MIN_RADIUS = 4.0
+CHILD_MARGIN = 1.15  # d_child = CHILD_MARGIN × covering radius of the fine grid by the coarse
+MIN_SAVING = 4  # a fine grid with fewer than MIN_SAVING × coarse rotations is searched exhaustively
+AUDIT_FRACTION = 0.05
+AUDIT_MIN = 8
+AUDIT_TOLERANCE = 1.0  # nats an audited particle may miss
+WIDEN = 1.5
+RELAX = 0.9
+
+
+@dataclass(frozen=True)
+class CoarseResult:
+    """What the coarse pass gives the fine E-step."""
+
+    rot_mask: np.ndarray  # (N, R_fine) uint8, audited particles all ones
+    audit: np.ndarray  # (N,) bool: searched exhaustively to check the window
+    would_mask: np.ndarray  # (n_audit, R_fine) bool: the audited particles' windows
+    n_coarse: int
+    samples: int  # the coarse pass's (particle, class, rotation, shift) samples
+
+
+def applies(config: Config, rot_mask, seeded: bool, n_fine: int) -> bool:
+    """Whether an iteration's search goes coarse to fine: a global ML search of a grid fine
+    enough for the coarse pass to save work."""
+    if not config.coarse_to_fine or config.mode == "cc" or seeded or rot_mask is not None:
+        return False
+    if config.rotations is not None or config.no_align or config.no_rotate or config.angular_range_deg:
+        return False
+    from mltomo.geometry import so3_grid_size
+
+    return n_fine >= MIN_SAVING * so3_grid_size(COARSE_FACTOR * config.angular_sampling_deg)
+
+
+def coarse_radius(sampling, config: Config) -> float:
+    """The coarse pass's working radius (index units): ``COARSE_RADIUS / θ_c``, within
+    ``[MIN_RADIUS, sampling.radius]``."""
+    theta = math.radians(COARSE_FACTOR * config.angular_sampling_deg)
+    return float(min(sampling.radius, max(MIN_RADIUS, COARSE_RADIUS / theta)))
+
+
+def coarse_sampling(sampling, config: Config):
+    """``sampling`` with the working set cut to :func:`coarse_radius` (same box and shifts)."""
+    from mltomo import _core
+
+    rc = coarse_radius(sampling, config)
+    if rc >= sampling.radius:
+        return sampling
+    ws = _core.working_set(sampling.n_w, rc)
+    return replace(sampling, radius=rc, J=float(ws["hweight"].sum()), ws_index=ws["index"],
+                   ws_hweight=ws["hweight"].astype(np.float64))
+
+
+def _traces(A: np.ndarray, B: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """``(len(A), len(B))`` max over the symmetry group of tr(A_aᵀ B_b g): a larger trace is a
+    smaller angle, ``angle = acos((tr − 1)/2)``."""
+    a = A.reshape(len(A), 9)
+    out = None
+    for g in group:
+        t = a @ (B @ g).reshape(len(B), 9).T
+        out = t if out is None else np.maximum(out, t)
+    return out
+
+
+def adjacency(coarse: np.ndarray, fine: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """``(R_coarse, R_fine)`` bool: fine rotation within ``d_child`` of coarse rotation."""
+    tr = _traces(coarse, fine, group)
+    nearest = np.clip((tr.max(axis=0) - 1.0) / 2.0, -1.0, 1.0)  # cos of each fine rotation's distance
+    cover = math.degrees(math.acos(float(nearest.min())))
+    d_child = min(180.0, CHILD_MARGIN * cover)
+    return tr >= 1.0 + 2.0 * math.cos(math.radians(d_child)) - 1e-12
+
+
+def windows(rot_mass: np.ndarray, window: float) -> np.ndarray:
+    """``(N, R_coarse)`` bool: the coarse rotations within ``window`` nats of each particle's best
+    (a particle with no mass anywhere keeps every one)."""
+    best = rot_mass.max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keep = np.log(rot_mass) >= np.log(best) - window
+    keep[best[:, 0] <= 0] = True
+    return keep
+
+
+def audit_set(config: Config, iteration: int, indices: np.ndarray, n_total: int) -> np.ndarray:
+    """``(N,)`` bool: this process's particles among the iteration's audited ones (the same
+    particles however they are split over processes)."""
+    n_audit = min(n_total, max(AUDIT_MIN, math.ceil(AUDIT_FRACTION * n_total)))
+    chosen = np.random.default_rng([config.seed, iteration, 7]).permutation(n_total)[:n_audit]
+    return np.isin(np.asarray(indices), chosen)
+
+
+def plan(estep, Fref, sampling, config: Config, data, masks, groups, coarse_rotations, fine_rotations, group,
+         log_prior_shift, log_alpha, sigma2, window: float, audit: np.ndarray) -> CoarseResult:
+    """Run the coarse pass (``estep``: :func:`mltomo.estep.estep`) and return each particle's
+    fine rotations; ``audit`` particles search all of them."""
+    cs = coarse_sampling(sampling, config)
+    _, scores, counters = estep(Fref, cs.pad, data, masks, groups, cs.radius, coarse_rotations, cs.shifts,
+                                log_prior_shift, log_alpha, sigma2, accumulate=False, rot_mass=True,
+                                prune=math.exp(-window - 1.0 - math.log(Fref.shape[0] * len(cs.shifts))),
+                                nthreads=config.threads,
+                                memory_budget_bytes=config.memory_budget_bytes, kernel=config.kernel)
+    keep = windows(scores.rot_mass, window)
+    adj = adjacency(coarse_rotations, fine_rotations, group)
+    fine = (keep.astype(np.float32) @ adj.astype(np.float32)) > 0
+    rot_mask = fine.astype(np.uint8)
+    rot_mask[audit] = 1
+    return CoarseResult(rot_mask=np.ascontiguousarray(rot_mask), audit=audit, would_mask=fine[audit],
+                        n_coarse=len(coarse_rotations), samples=int(counters["samples"]))
+
+
+def missed_nats(rot_mass: np.ndarray, result: CoarseResult) -> np.ndarray:
+    """``(n_audit,)`` −log of the exhaustive posterior mass inside each audited particle's window."""
+    inside = (rot_mass[result.audit] * result.would_mask).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        return -np.log(np.clip(inside, 1e-300, 1.0))
+
+
+def next_window(window: float, configured: float, n_failed: float) -> float:
+    """The next iteration's window: wider after an audit in which ``n_failed`` particles missed
+    more than ``AUDIT_TOLERANCE`` nats, else relaxing toward the configured one."""
+    if n_failed > 0:
+        return window * WIDEN
+    return max(configured, window * RELAX)

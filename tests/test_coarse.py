@@ -1,0 +1,113 @@
+"""Coarse-to-fine search (mltomo.coarse): the children of the coarse rotations against a slow
+distance oracle, the window, the audit, and a refinement that gives the exhaustive search's
+answer while searching a fraction of the rotations."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from mltomo import coarse, geometry
+from mltomo.em import run_em
+from mltomo.evaluate import angular_errors, class_purity
+from mltomo.model import Config
+from mltomo.outputs import read_iteration
+from mltomo.particles import particles_from_arrays
+from mltomo.simulate import simulate
+
+C1 = np.eye(3)[None]
+
+
+@pytest.mark.parametrize("sym", ["C1", "C3", "D2"])
+def test_adjacency_matches_distance_oracle(sym):
+    group = geometry.symmetry_group(sym)
+    rng = np.random.default_rng(3)
+    coarse_r = geometry.random_rotations(40, rng)
+    fine = geometry.random_rotations(300, rng)
+    adj = coarse.adjacency(coarse_r, fine, group)
+    # oracle: the distance of every pair, minimised over the group, one pair at a time
+    d = np.array([[min(geometry.geodesic_distance_deg(c, f @ g) for g in group) for f in fine] for c in coarse_r])
+    cover = d.min(axis=0).max()
+    expect = d <= coarse.CHILD_MARGIN * cover + 1e-6
+    ambiguous = np.abs(d - coarse.CHILD_MARGIN * cover) < 1e-4
+    assert np.array_equal(adj[~ambiguous], expect[~ambiguous])
+    assert adj.any(axis=0).all(), "every fine rotation must be some coarse rotation's child"
+
+
+def test_window_keeps_rotations_within_nats_of_best():
+    mass = np.array([[0.5, 0.5 * np.exp(-9.0), 0.5 * np.exp(-11.0), 0.0],
+                     [0.0, 0.0, 0.0, 0.0]])
+    keep = coarse.windows(mass, 10.0)
+    assert keep[0].tolist() == [True, True, False, False]
+    assert keep[1].all(), "a particle without mass keeps every coarse rotation"
+
+
+def test_window_widens_on_a_failed_audit_and_relaxes_back():
+    assert coarse.next_window(100.0, 100.0, 1) == pytest.approx(100.0 * coarse.WIDEN)
+    w = 100.0 * coarse.WIDEN**2
+    assert coarse.next_window(w, 100.0, 0) == pytest.approx(w * coarse.RELAX)
+    assert coarse.next_window(101.0, 100.0, 0) == 100.0
+
+
+def test_audit_set_does_not_depend_on_the_split():
+    cfg = Config(seed=4)
+    whole = np.flatnonzero(coarse.audit_set(cfg, 3, np.arange(500), 500))
+    a = coarse.audit_set(cfg, 3, np.arange(0, 250), 500)
+    b = coarse.audit_set(cfg, 3, np.arange(250, 500), 500)
+    assert np.array_equal(np.concatenate([np.flatnonzero(a), 250 + np.flatnonzero(b)]), whole)
+    assert len(whole) == max(coarse.AUDIT_MIN, int(np.ceil(coarse.AUDIT_FRACTION * 500)))
+    assert not np.array_equal(whole, np.flatnonzero(coarse.audit_set(cfg, 4, np.arange(500), 500)))
+
+
+def test_missed_nats_of_the_audited_windows():
+    mass = np.array([[0.7, 0.3, 0.0], [0.2, 0.8, 0.0], [1.0, 0.0, 0.0]])
+    res = coarse.CoarseResult(rot_mask=np.ones((3, 3), np.uint8), audit=np.array([True, True, False]),
+                              would_mask=np.array([[True, False, False], [False, False, True]]), n_coarse=1,
+                              samples=0)
+    m = coarse.missed_nats(mass, res)
+    assert m[0] == pytest.approx(-np.log(0.7))
+    assert m[1] > 600  # nothing inside: the window missed all of it
+
+
+def test_coarse_sampling_cuts_the_working_set_only():
+    from mltomo.sampling import Sampling
+
+    cfg = Config(angular_sampling_deg=15.0, max_shift_voxels=2)
+    s = Sampling.create(32, 8.0, cfg)
+    c = coarse.coarse_sampling(s, cfg)
+    assert c.radius == pytest.approx(max(coarse.MIN_RADIUS, coarse.COARSE_RADIUS / np.radians(30.0)))
+    assert c.n_w == s.n_w and np.array_equal(c.shifts, s.shifts)
+    assert 0 < c.J < s.J
+
+
+def _blobs(seed, n_particles=100):
+    from conftest import blob_cloud
+
+    sim = simulate([blob_cloud(7), blob_cloud(8)], n_particles, 24, 10.0, 30.0, 0.5,
+                   missing_region="wedge_y:-60:60", seed=seed, max_shift_voxels=2)
+    return sim, particles_from_arrays(sim.volumes, 10.0, missing=sim.missing_region)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_coarse_to_fine_gives_the_exhaustive_answer(seed, tmp_path):
+    """On asymmetric particles the coarse-to-fine run classifies as the exhaustive one, aligns as
+    well, reaches its log-likelihood to within 3 nats per particle, and searches under a third
+    of the rotations once the poses have settled; the model file says what it did."""
+    sim, parts = _blobs(seed)
+    cfg = Config(n_classes=2, iterations=8, angular_sampling_deg=15.0, seed=seed, max_shift_voxels=2, eps=0.0)
+    ref = run_em(parts, cfg)
+    c2f = run_em(parts, dataclasses.replace(cfg, coarse_to_fine=True), out_dir=tmp_path)
+    truth = np.asarray(sim.classes)
+    assert class_purity(truth, c2f.particles.classes) >= class_purity(truth, ref.particles.classes) - 0.02
+    N = len(truth)
+    assert c2f.model.log_likelihood >= ref.model.log_likelihood - 3.0 * N
+    err = [np.median(angular_errors(sim.rotations, geometry.euler_to_matrix(*r.particles.angles.T),
+                                    r.particles.classes)) for r in (ref, c2f)]
+    assert err[1] <= err[0] + 3.0, err
+    coarse_its = [h for h in c2f.history if h.search == "coarse-to-fine"]
+    assert len(coarse_its) >= 6
+    assert coarse_its[-1].rotations_searched < ref.history[-1].n_rotations / 3
+    assert all(np.isfinite(h.coarse_missed) for h in coarse_its)
+    model, _ = read_iteration(tmp_path, cfg.iterations)
+    assert model.coarse_window >= cfg.coarse_window
