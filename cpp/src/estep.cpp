@@ -161,8 +161,9 @@ EStepPlan::EStepPlan(const EStepSetup& setup)
       double(K) * (J * sizeof(cfloat) + klayout_ * sizeof(float) + (cache_norms_ ? G * sizeof(double) : 0));
   cache_rotated_ = per_rotation * s_.R <= s_.rotated_cache_bytes;
   slots_ = cache_rotated_ ? s_.R : std::min(s_.R, s_.rot_block);
-  rotated_.resize(K * slots_ * J);
-  kernel_refs_.resize(K * slots_ * klayout_);
+  // Uninitialised (a zero fill of a whole iteration's cache cost as much as rotating half of it).
+  rotated_ = aligned_array<cfloat>(K * slots_ * J);
+  kernel_refs_ = aligned_array<float>(K * slots_ * klayout_);
   norm_cache_.resize(cache_norms_ ? K * slots_ * G : 0);
   rotated_ready_.assign(s_.R, 0);
 }
@@ -230,13 +231,13 @@ void EStepPlan::rotate_block(EStepRun& run, int r0, int r1) {
     const int k = q / nr, r = r0 + q % nr;
     if (!run.needed[r - r0]) continue;
     const std::size_t sl = slot(k, r, r0);
-    cfloat* out_kr = rotated_.data() + sl * J;
+    cfloat* out_kr = rotated_.get() + sl * J;
     gather(s_.refs + static_cast<std::size_t>(k) * s_.grid.half_size(), s_.grid, s_.rotations + 9 * std::size_t(r),
            ws_, out_kr);
     if (cache_norms_)
       for (int gi = 0; gi < s_.G; ++gi)
         norm_cache_[sl * s_.G + gi] = weighted_norm(ws_.hweight.data(), group_w_.data() + std::size_t(gi) * J, out_kr, J);
-    if (pruned_) pruned_->to_layout(out_kr, kernel_refs_.data() + sl * klayout_);
+    if (pruned_) pruned_->to_layout(out_kr, kernel_refs_.get() + sl * klayout_);
   }
 #pragma omp single
   {
@@ -251,11 +252,11 @@ void EStepPlan::rotate_block(EStepRun& run, int r0, int r1) {
 // its order), or one inverse FFT read at the shifts.
 void EStepPlan::shift_correlations(ThreadScratch& th, const ParticleData& d, std::size_t sl) const {
   if (pruned_) {
-    pruned_->score(th.kwx.get(), kernel_refs_.data() + sl * klayout_, th.kscratch.get(), th.cross.data());
+    pruned_->score(th.kwx.get(), kernel_refs_.get() + sl * klayout_, th.kscratch.get(), th.cross.data());
     ++th.maps_kernel;
     return;
   }
-  cross_spectrum(ws_, d.wx.data(), rotated_.data() + sl * ws_.size(), th.cbuf.get());  // c2r destroys its input
+  cross_spectrum(ws_, d.wx.data(), rotated_.get() + sl * ws_.size(), th.cbuf.get());  // c2r destroys its input
   fft_.c2r(th.cbuf.get(), th.rbuf.get());
   for (int t = 0; t < s_.T; ++t) th.cross[t] = th.rbuf[tidx_[t]];
 }
@@ -307,7 +308,7 @@ void EStepPlan::score_block(EStepRun& run, int r0, int r1) {
         if (pruned_ && !in_layout) pruned_->to_layout(d.wx.data(), th.kwx.get());
         in_layout = true;
         const std::size_t sl = slot(k, r, r0);
-        const cfloat* ref = rotated_.data() + sl * J;
+        const cfloat* ref = rotated_.get() + sl * J;
         shift_correlations(th, d, sl);
         const double ref_norm = cache_norms_ ? norm_cache_[sl * s_.G + run.batch.group[i]]
                                              : weighted_norm(ws_.hweight.data(), d.w.data(), ref, J);

@@ -167,12 +167,12 @@ class EStepPlan {
   std::vector<float> group_w_;            // (G, J) masks on the working set, if cache_norms_
   bool cache_rotated_ = false;            // all R_r A_k kept for the iteration
   int slots_ = 0;                         // rotations held: R if cached, else rot_block
-  std::vector<cfloat> rotated_;           // (K, slots, J)
+  AlignedArray<cfloat> rotated_;          // (K, slots, J), uninitialised: each slot is written before it is read
   std::vector<double> norm_cache_;        // (K, slots, G)
   std::vector<std::uint8_t> rotated_ready_;  // (R) cached rotations already computed
   std::unique_ptr<ShiftScorer> pruned_;   // the pruned kernel, if chosen
   std::size_t klayout_ = 0;               // floats of one array in its kernel order
-  std::vector<float> kernel_refs_;        // (K, slots, klayout) R_r A_k in kernel order, if pruned_
+  AlignedArray<float> kernel_refs_;       // (K, slots, klayout) R_r A_k in kernel order, if pruned_ (uninitialised)
 };
 
 }  // namespace mltomo
