@@ -111,3 +111,19 @@ def test_coarse_to_fine_gives_the_exhaustive_answer(seed, tmp_path):
     assert all(np.isfinite(h.coarse_missed) for h in coarse_its)
     model, _ = read_iteration(tmp_path, cfg.iterations)
     assert model.coarse_window >= cfg.coarse_window
+
+
+def test_a_coarse_pass_that_keeps_most_rotations_is_skipped_then_retried(tmp_path):
+    """A reference-free first iteration has flat posteriors: its windows hold the whole grid, so
+    the next SKIP_ITERATIONS iterations search every rotation (recorded for --continue), then
+    the coarse pass is tried again."""
+    sim, parts = _blobs(5, n_particles=40)
+    cfg = Config(n_classes=1, iterations=coarse.SKIP_ITERATIONS + 2, angular_sampling_deg=15.0, seed=5,
+                 max_shift_voxels=2, eps=0.0)
+    res = run_em(parts, cfg, out_dir=tmp_path)
+    searches = [h.search for h in res.history]
+    assert searches[0] == "coarse-to-fine" and res.history[0].rotations_searched > 0.5 * res.history[0].n_rotations
+    assert searches[1 : 1 + coarse.SKIP_ITERATIONS] == ["global"] * coarse.SKIP_ITERATIONS
+    assert searches[1 + coarse.SKIP_ITERATIONS] == "coarse-to-fine"
+    model, _ = read_iteration(tmp_path, 1)
+    assert model.coarse_skip == coarse.SKIP_ITERATIONS

@@ -23,7 +23,9 @@ iteration)`` are searched exhaustively, and for each the mass its window would h
 than ``AUDIT_TOLERANCE`` nats, the next iteration's window is ``WIDEN`` times wider; after an
 audit with nothing missed it relaxes by ``RELAX`` toward the configured value. Each iteration
 logs (and the model file records) the window, the coarse and fine rotations per particle and
-the audit's largest miss.
+the audit's mean miss. When the windows hold more than ``USEFUL_FRACTION`` of the fine grid
+(noisy data, broad posteriors) the coarse pass only adds work: the next ``SKIP_ITERATIONS``
+iterations search every rotation, then the coarse pass is tried again.
 
 The coarse pass is at a low radius because the fine posterior is sharper than the coarse grid:
 on near-symmetric particles (GroEL in C1) the best fine rotation can lie near a symmetry copy
@@ -49,6 +51,8 @@ AUDIT_MIN = 8
 AUDIT_TOLERANCE = 1.0  # nats an audited particle may miss
 WIDEN = 1.5
 RELAX = 0.9
+USEFUL_FRACTION = 0.5  # windows holding more of the fine grid than this make the coarse pass a loss ...
+SKIP_ITERATIONS = 2  # ... and the next this many iterations search every rotation
 
 
 @dataclass(frozen=True)

@@ -259,8 +259,10 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         Fref = _reference_transforms(work, sampling, config)  # the E-step's, and the noise estimate's
         data_e = noise.data(data_w, ngroups)
         window = model.coarse_window or config.coarse_window
-        coarse = None
-        if coarse_search.applies(it_config, rot_mask, seeded, len(rotations)):
+        coarse, skip = None, model.coarse_skip
+        if coarse_search.applies(it_config, rot_mask, seeded, len(rotations)) and skip > 0:
+            skip -= 1  # the last coarse pass kept most rotations: this iteration searches them all
+        elif coarse_search.applies(it_config, rot_mask, seeded, len(rotations)):
             coarse = _coarse_pass(work, Fref, sampling, config, data_e, masks_e, groups_e, it, group, rotations,
                                   offsets, window, particles, N)
             rot_mask = coarse.rot_mask
@@ -273,7 +275,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         next_window, missed = 0.0, float("nan")
         if coarse is not None:
             counters["samples"] += coarse.samples
-            next_window, missed = _audit(coarse, scores, window, config, comm, it)
+            next_window, missed, skip = _audit(coarse, scores, window, config, comm, it, len(rotations))
         sums, counts = _reduce(sums, half_sums, counters, comm)
         for s in [sums] + (half_sums or []):
             s.Mfull = scale_full_weights(s.Mfull, noise, ngroups.counts, sampling.pad)
@@ -305,7 +307,8 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         if decision.message and comm.rank == 0:
             log.info(f"iteration {it}: {decision.message}")
         model = replace(model, noise=noise, search_local=decision.local, search_noise=decision.noise,
-                        coarse_window=next_window if coarse is not None else model.coarse_window)
+                        coarse_window=next_window if coarse is not None else model.coarse_window,
+                        coarse_skip=skip)
         if it == tied_until:  # the first split: the next E-step keeps every particle in its part
             masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
             seeds, model, results = _first_split(model, results, particles, noise.data(spectra_w, ngroups), masks_e,
@@ -388,8 +391,9 @@ def _coarse_pass(work: Model, Fref, sampling: Sampling, config: Config, data_e, 
                               group, sampling.log_prior_shift(work.xi2_voxels), la, work.sigma2, window, audit)
 
 
-def _audit(coarse, scores, window: float, config: Config, comm, it: int):
-    """``(next window, mean nats missed)`` from the audited particles' exhaustive posteriors."""
+def _audit(coarse, scores, window: float, config: Config, comm, it: int, n_fine: int):
+    """``(next window, mean nats missed, iterations to search every rotation)`` from the audited
+    particles' exhaustive posteriors and the share of the grid the windows held."""
     missed = coarse_search.missed_nats(scores.rot_mass, coarse)
     n_audit = comm.sum(float(len(missed)))
     n_failed = comm.sum(float((missed > coarse_search.AUDIT_TOLERANCE).sum()))
@@ -402,7 +406,13 @@ def _audit(coarse, scores, window: float, config: Config, comm, it: int):
         if n_failed:
             msg += f", {n_failed:.0f} missed > {coarse_search.AUDIT_TOLERANCE:g}: window {nxt:.0f} next"
         (log.info if n_failed else log.debug)(msg)
-    return nxt, mean_missed
+    skip = 0
+    if rot_per > coarse_search.USEFUL_FRACTION * n_fine:
+        skip = coarse_search.SKIP_ITERATIONS
+        if comm.rank == 0:
+            log.debug(f"iteration {it}: the coarse pass kept {rot_per / n_fine:.0%} of the rotations; the next "
+                     f"{skip} iterations search every rotation")
+    return nxt, mean_missed, skip
 
 
 def _mode_for_weights(particles, config: Config, comm) -> Config:

@@ -112,6 +112,7 @@ class Model:
     search_local: bool = False  # the next iteration searches locally (search="auto": mltomo.narrowing)
     search_noise: float = 0.0  # ... until the log-likelihood falls by more than this
     coarse_window: float = 0.0  # the next coarse-to-fine iteration's window, nats (0: the configured one)
+    coarse_skip: int = 0  # iterations left that search every rotation (the coarse pass kept most of them)
 
     def weights(self, n_particles: int) -> np.ndarray:
         """``(K,)`` W_k, the summed class posteriors behind the references."""

@@ -120,6 +120,7 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         "mltomoCoarseWindow": repr(float(stats.coarse_window)),
         "mltomoCoarseMissedNats": repr(float(stats.coarse_missed)),
         "mltomoNextCoarseWindow": repr(float(model.coarse_window)),
+        "mltomoCoarseSkip": int(model.coarse_skip),
         "mltomoTranslations": stats.n_shifts,
         "mltomoPrunedFraction": repr(float(stats.pruned_fraction)),
         "mltomoSecondsIteration": repr(float(stats.seconds_total)),
@@ -268,6 +269,7 @@ def read_iteration(out_dir, it: int, particle_indices=None) -> tuple[Model, Part
         search_local=bool(int(gen.get("mltomoNextSearchLocal", 0))),
         search_noise=float(gen.get("mltomoSearchNoise", 0.0)),
         coarse_window=float(gen.get("mltomoNextCoarseWindow", 0.0)),
+        coarse_skip=int(gen.get("mltomoCoarseSkip", 0)),
     )
     df = read_star(f"{prefix}_data.star")["particles"]
     idx = np.arange(len(df)) if particle_indices is None else np.asarray(particle_indices)
