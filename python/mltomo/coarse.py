@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from mltomo.estep import estep
 from mltomo.model import Config
 
 COARSE_FACTOR = 2.0  # coarse step / fine step
@@ -135,10 +136,10 @@ def audit_set(config: Config, iteration: int, indices: np.ndarray, n_total: int)
     return np.isin(np.asarray(indices), chosen)
 
 
-def plan(estep, Fref, sampling, config: Config, data, masks, groups, coarse_rotations, fine_rotations, group,
+def plan(Fref, sampling, config: Config, data, masks, groups, coarse_rotations, fine_rotations, group,
          log_prior_shift, log_alpha, sigma2, window: float, audit: np.ndarray) -> CoarseResult:
-    """Run the coarse pass (``estep``: :func:`mltomo.estep.estep`) and return each particle's
-    fine rotations; ``audit`` particles search all of them."""
+    """Run the coarse pass (a scores-only :func:`mltomo.estep.estep`) and return each
+    particle's fine rotations; ``audit`` particles search all of them."""
     cs = coarse_sampling(sampling, config)
     _, scores, counters = estep(Fref, cs.pad, data, masks, groups, cs.radius, coarse_rotations, cs.shifts,
                                 log_prior_shift, log_alpha, sigma2, accumulate=False, rot_mass=True,

@@ -134,6 +134,18 @@ def _reference_transforms(model: Model, sampling: Sampling, config: Config) -> n
     return reference_transforms(model.refs, sampling.pad, sampling.P_w, config.gridding)
 
 
+def _log_alpha(model: Model) -> np.ndarray:
+    """``(K,)`` log class fractions (``-inf`` for an empty class)."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(model.alpha, dtype=np.float64))
+
+
+def _log_class_priors(log_alpha: np.ndarray, offsets):
+    """The E-step's log class priors: ``log α`` ``(K,)``, or per particle ``(N, K)`` with the
+    self-fit ``offsets``."""
+    return log_alpha if offsets is None else log_alpha[None, :] + offsets
+
+
 def _estep_iteration(model, Fref, sampling, config, data_w, masks_w, groups, rotations, rot_mask, seeds, bar,
                      halves=None, offsets=None, rot_mass=False):
     """One E-step on this process's particles (``Fref``: the model's reference transforms):
@@ -144,8 +156,7 @@ def _estep_iteration(model, Fref, sampling, config, data_w, masks_w, groups, rot
     (``half_sums``, two :class:`Sums`; ``sums`` is then None until they are reduced);
     ``offsets`` ``(N, K)`` are added to every particle's log class priors (self-fit correction).
     """
-    with np.errstate(divide="ignore"):
-        log_alpha = np.log(np.asarray(model.alpha, dtype=np.float64))
+    log_alpha = _log_alpha(model)
     lp = sampling.log_prior_shift(model.xi2_voxels)
     kwargs = dict(mode="cc" if config.mode == "cc" else "ml", prune=config.prune, nthreads=config.threads,
                   memory_budget_bytes=config.memory_budget_bytes, kernel=config.kernel,
@@ -155,10 +166,9 @@ def _estep_iteration(model, Fref, sampling, config, data_w, masks_w, groups, rot
         sums, scores, counters = estep_seeded(seeds, Fref, sampling, data_w, masks_w, groups, rotations, lp,
                                               log_alpha, model.sigma2, rot_mask, kwargs, halves=halves)
     else:
-        la = log_alpha if offsets is None else log_alpha[None, :] + offsets
         sums, scores, counters = estep(Fref, sampling.pad, data_w, masks_w, groups, sampling.radius, rotations,
-                                       sampling.shifts, lp, la, model.sigma2, rot_mask=rot_mask, halves=halves,
-                                       rot_mass=rot_mass, **kwargs)
+                                       sampling.shifts, lp, _log_class_priors(log_alpha, offsets), model.sigma2,
+                                       rot_mask=rot_mask, halves=halves, rot_mass=rot_mass, **kwargs)
     if halves is None:
         return sums, None, scores, counters
     return None, sums, scores, counters
@@ -260,9 +270,10 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         data_e = noise.data(data_w, ngroups)
         window = model.coarse_window or config.coarse_window
         coarse, skip = None, model.coarse_skip
-        if coarse_search.applies(it_config, rot_mask, seeded, len(rotations)) and skip > 0:
+        use_coarse = coarse_search.applies(it_config, rot_mask, seeded, len(rotations))
+        if use_coarse and skip > 0:
             skip -= 1  # the last coarse pass kept most rotations: this iteration searches them all
-        elif coarse_search.applies(it_config, rot_mask, seeded, len(rotations)):
+        elif use_coarse:
             coarse = _coarse_pass(work, Fref, sampling, config, data_e, masks_e, groups_e, it, group, rotations,
                                   offsets, window, particles, N)
             rot_mask = coarse.rot_mask
@@ -381,14 +392,12 @@ def _coarse_pass(work: Model, Fref, sampling: Sampling, config: Config, data_e, 
                  rotations, offsets, window: float, particles, N: int):
     """The coarse pass of a coarse-to-fine iteration (:mod:`mltomo.coarse`): each particle's fine
     rotations, and the particles audited with an exhaustive search."""
-    with np.errstate(divide="ignore"):
-        log_alpha = np.log(np.asarray(work.alpha, dtype=np.float64))
-    la = log_alpha if offsets is None else log_alpha[None, :] + offsets
     coarse_rotations = rotation_grid(replace(config, angular_sampling_deg=coarse_search.COARSE_FACTOR *
                                              config.angular_sampling_deg), it, group)
     audit = coarse_search.audit_set(config, it, particles.indices, N)
-    return coarse_search.plan(estep, Fref, sampling, config, data_e, masks_e, groups_e, coarse_rotations, rotations,
-                              group, sampling.log_prior_shift(work.xi2_voxels), la, work.sigma2, window, audit)
+    return coarse_search.plan(Fref, sampling, config, data_e, masks_e, groups_e, coarse_rotations, rotations, group,
+                              sampling.log_prior_shift(work.xi2_voxels), _log_class_priors(_log_alpha(work), offsets),
+                              work.sigma2, window, audit)
 
 
 def _audit(coarse, scores, window: float, config: Config, comm, it: int, n_fine: int):
@@ -528,10 +537,7 @@ def _class_terms(scores, model: Model, offsets=None):
     ``t_k = log α_k + log Σ_{r,t}(…)_k (+ offsets)``: their maximum ``m``, whether it is finite,
     and ``e_k = exp(t_k − m)`` (``exp(t_k)`` where it is not), so that
     ``log Σ_k exp t_k = m + log Σ_k e_k`` and ``P_k = e_k / Σ_k e_k``."""
-    with np.errstate(divide="ignore"):
-        t = np.log(np.asarray(model.alpha, dtype=np.float64))[None, :] + scores.class_log_sum
-    if offsets is not None:
-        t = t + offsets
+    t = _log_class_priors(_log_alpha(model), offsets) + scores.class_log_sum
     m = np.max(t, axis=1)
     ok = np.isfinite(m)
     return m, ok, np.exp(t - np.where(ok, m, 0.0)[:, None])
