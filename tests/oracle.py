@@ -63,7 +63,9 @@ def padded_full(vol, pad, gridding):
 
 
 def oracle_estep(refs_real, particles_real, masks_half, groups, pad, radius, rotations, shifts,
-                 log_prior_shift, log_alpha, sigma2, gridding=True, mode="ml"):
+                 log_prior_shift, log_alpha, sigma2, gridding=True, mode="ml", score_radius=None):
+    """``score_radius``: d² counts the rotated reference as 0 beyond it (the sums still cover
+    the whole working set)."""
     n = refs_real.shape[1]
     P = int(round(pad * n))
     K, N = len(refs_real), len(particles_real)
@@ -73,6 +75,7 @@ def oracle_estep(refs_real, particles_real, masks_half, groups, pad, radius, rot
     mats = [interp_matrix(n, P, pad, R, radius) for R in rotations]
     sel = mats[0][0]
     ks = mats[0][1]
+    scored = np.ones(len(ks)) if score_radius is None else (np.sum(ks**2, axis=1) <= score_radius**2 + 1e-9) * 1.0
     phases = [np.exp(-2j * np.pi * (ks @ np.asarray(t, float)) / n) for t in shifts]
     T = len(shifts)
     out = dict(W=np.zeros(K), S=np.zeros((K, P**3), complex), M=np.zeros((K, P**3)), Mfull=np.zeros((K, P**3)),
@@ -88,7 +91,7 @@ def oracle_estep(refs_real, particles_real, masks_half, groups, pad, radius, rot
         D2 = np.zeros_like(L)
         for k in range(K):
             for r, (_, _, A) in enumerate(mats):
-                RA = A @ G_full[k]
+                RA = (A @ G_full[k]) * scored
                 for t in range(T):
                     d2 = np.sum(w * np.abs(X - phases[t] * RA) ** 2)
                     D2[k, r, t] = d2

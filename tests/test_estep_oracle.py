@@ -56,11 +56,11 @@ def make_problem(seed, n=8, K=2, R=4, N=4, sigma2=4.0, wedge=True):
                 lp=lp, la=la, sigma2=sigma2, n=n)
 
 
-def run_core(pb, pad=2, radius=3, mode="ml", prune=0.0, nthreads=1, gridding=True):
+def run_core(pb, pad=2, radius=3, mode="ml", prune=0.0, nthreads=1, gridding=True, **kw):
     refs = np.stack([padded_transform(a, pad, gridding) for a in pb["refs"]])
     parts = np.stack([half(x) for x in pb["parts"]])
     return estep(refs, pad, parts, pb["masks"], pb["groups"], radius, pb["rots"], pb["shifts"],
-                 pb["lp"], pb["la"], pb["sigma2"], mode=mode, prune=prune, nthreads=nthreads)
+                 pb["lp"], pb["la"], pb["sigma2"], mode=mode, prune=prune, nthreads=nthreads, **kw)
 
 
 @pytest.mark.parametrize("seed,nthreads,sigma2,wedge", [(0, 1, 4.0, True), (1, 2, 30.0, True), (2, 2, 8.0, False)])
@@ -84,6 +84,30 @@ def test_ml_estep_matches_oracle(seed, nthreads, sigma2, wedge):
         assert (sc.best_class[i], sc.best_rot[i], sc.best_shift[i]) == (k, r, t)
     assert cnt["samples"] == 4 * 2 * 4 * 5
     assert cnt["kept"] == cnt["samples"]  # prune=0 keeps everything
+
+
+@pytest.mark.parametrize("kernel,nthreads", [("fft", 1), ("pruned", 2)])
+def test_scoring_on_an_inner_radius_matches_oracle(kernel, nthreads):
+    """``score_radius``: d² counts the reference as 0 beyond it, while the sums, ``x_norm`` and
+    ``n_observed`` cover the whole working set (the resolution schedule)."""
+    pb = make_problem(4, sigma2=0.5)
+    sums, sc, _ = run_core(pb, nthreads=nthreads, kernel=kernel, score_radius=1.5)
+    ora = oracle_estep(pb["refs"], pb["parts"], pb["masks"], pb["groups"], 2, 3, pb["rots"], pb["shifts"],
+                       pb["lp"], pb["la"], pb["sigma2"], score_radius=1.5)
+    full = oracle_estep(pb["refs"], pb["parts"], pb["masks"], pb["groups"], 2, 3, pb["rots"], pb["shifts"],
+                        pb["lp"], pb["la"], pb["sigma2"])
+    assert np.max(np.abs(full["log_sum"] - ora["log_sum"])) > 0.5  # the inner radius changes the scores
+    np.testing.assert_allclose(sc.x_norm, ora["x_norm"], rtol=1e-5)
+    np.testing.assert_allclose(sc.n_observed, ora["n_observed"])
+    np.testing.assert_allclose(sc.log_sum, ora["log_sum"], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(sc.max_post, ora["max_post"], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(sums.W, ora["W"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sums.sum_pd2, ora["sum_pd2"], rtol=1e-4)
+    np.testing.assert_allclose(sums.S, ora["S"], atol=2e-4 * np.abs(ora["S"]).max())
+    np.testing.assert_allclose(sums.M, ora["M"], atol=2e-4 * np.abs(ora["M"]).max())
+    np.testing.assert_allclose(sums.Mfull, ora["Mfull"], atol=2e-4 * np.abs(ora["Mfull"]).max())
+    with pytest.raises(ValueError, match="score_radius"):
+        run_core(pb, score_radius=3.5)
 
 
 def test_cc_estep_matches_oracle():
@@ -132,7 +156,7 @@ def test_bad_arrays_are_named():
 def test_per_particle_class_priors_and_class_sums_match_oracle():
     """(N, K) log class priors (the adaptive scheme's self-fit offsets) and the per-class log sums
     the reported log-likelihood is formed from."""
-    pb = make_problem(4, sigma2=6.0)
+    pb = make_problem(4, sigma2=0.5)
     rng = np.random.default_rng(5)
     la = pb["la"][None, :] + rng.uniform(-3, 0, size=(len(pb["parts"]), len(pb["la"])))
     refs = np.stack([padded_transform(a, 2, True) for a in pb["refs"]])

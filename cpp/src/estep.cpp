@@ -38,6 +38,8 @@ EStepSetup validated(const EStepSetup& s) {
   require(s.grid.P % 2 == 0 && s.grid.pad > 0, "padded box must be even");
   require(s.grid.pad * s.radius + 1 <= s.grid.P / 2.0,
           "padded box too small for the working radius: need pad*radius+1 <= P/2");
+  require(s.score_radius < 0 || (s.score_radius > 0 && s.score_radius <= s.radius),
+          "score_radius must be in (0, radius], or negative for radius");
   return s;
 }
 
@@ -57,25 +59,38 @@ void cross_spectrum(const WorkingSet& ws, const cfloat* wx, const cfloat* ref, c
   if (pos < half_n) std::memset(static_cast<void*>(z + pos), 0, sizeof(cfloat) * (half_n - pos));
 }
 
-// Restricts particle i to the working set.
-void compact_particle(const WorkingSet& ws, const cfloat* X, const float* w, ParticleData& d) {
+// w X and w of particle i on the components of `ws`; returns sum_full w |X|^2, its DC term
+// and the full-spectrum count of observed components.
+struct Compacted {
+  double norm = 0, dc = 0, n_obs = 0;
+};
+Compacted compact_on(const WorkingSet& ws, const cfloat* X, const float* w, std::vector<cfloat>& wx,
+                     std::vector<float>& wv) {
   const std::size_t J = ws.size();
-  d.wx.resize(J);
-  d.w.resize(J);
-  double xn = 0, nobs = 0, xdc = 0;
+  wx.resize(J);
+  wv.resize(J);
+  Compacted c;
   for (std::size_t j = 0; j < J; ++j) {
     const float wj = w[ws.index[j]];
     const cfloat xj = X[ws.index[j]];
-    d.w[j] = wj;
-    d.wx[j] = wj * xj;
+    wv[j] = wj;
+    wx[j] = wj * xj;
     const double e = double(ws.hweight[j]) * wj * std::norm(xj);
-    xn += e;
-    nobs += double(ws.hweight[j]) * (wj > 0 ? 1.0 : 0.0);
-    if (ws.kx[j] == 0 && ws.ky[j] == 0 && ws.kz[j] == 0) xdc = e;
+    c.norm += e;
+    c.n_obs += double(ws.hweight[j]) * (wj > 0 ? 1.0 : 0.0);
+    if (ws.kx[j] == 0 && ws.ky[j] == 0 && ws.kz[j] == 0) c.dc = e;
   }
-  d.x_norm = xn;
-  d.x_norm_nodc = xn - xdc;
-  d.n_obs = nobs;
+  return c;
+}
+
+// Restricts particle i to the scored set and, when it is larger, to the accumulated set.
+void compact_particle(const WorkingSet& ws, const WorkingSet* acc, const cfloat* X, const float* w,
+                      ParticleData& d) {
+  const Compacted s = compact_on(ws, X, w, d.wx, d.w);
+  d.x_norm_nodc = s.norm - s.dc;
+  const Compacted a = acc ? compact_on(*acc, X, w, d.acc_wx, d.acc_w) : s;
+  d.x_norm = a.norm;
+  d.n_obs = a.n_obs;
 }
 
 struct Best {
@@ -139,8 +154,10 @@ EStepPlan::EStepPlan(const EStepSetup& setup)
       log_prior_shift_(setup.log_prior_shift, setup.log_prior_shift + setup.T),
       log_alpha_(setup.log_alpha, setup.log_alpha + setup.K),
       shifts_(setup.shifts, setup.shifts + 3 * static_cast<std::size_t>(setup.T)),
-      ws_(make_working_set(setup.n, setup.radius)),
+      ws_(make_working_set(setup.n, setup.score_radius < 0 ? setup.radius : setup.score_radius)),
       fft_(setup.n) {
+  split_ = ws_.size() < make_working_set(setup.n, setup.radius).size();
+  if (split_) acc_ws_ = make_working_set(setup.n, setup.radius);
   s_.rotations = rotations_.data();
   s_.log_prior_shift = log_prior_shift_.data();
   s_.log_alpha = log_alpha_.data();
@@ -170,7 +187,8 @@ EStepPlan::EStepPlan(const EStepSetup& setup)
 
 void EStepPlan::build_shift_tables() {
   const int n = s_.n, T = s_.T;
-  const std::size_t J = ws_.size();
+  const WorkingSet& aw = acc_ws();  // the phases back-shift the accumulated set
+  const std::size_t J = aw.size();
   tidx_.resize(T);
   t2_.resize(T);
   for (int t = 0; t < T; ++t) {
@@ -190,7 +208,7 @@ void EStepPlan::build_shift_tables() {
   for (int t = 0; t < T; ++t) {
     const int sx = s_.shifts[3 * t], sy = s_.shifts[3 * t + 1], sz = s_.shifts[3 * t + 2];
     for (std::size_t j = 0; j < J; ++j) {
-      const int m = ((ws_.kx[j] * sx + ws_.ky[j] * sy + ws_.kz[j] * sz) % n + n) % n;
+      const int m = ((aw.kx[j] * sx + aw.ky[j] * sy + aw.kz[j] * sz) % n + n) % n;
       phase_table_[static_cast<std::size_t>(t) * J + j] =
           cfloat(static_cast<float>(phase_[m].real()), static_cast<float>(phase_[m].imag()));
     }
@@ -363,7 +381,7 @@ EStepCounters EStepPlan::run(const ParticleBatch& batch, const ParticleOutputs& 
   for (int i = 0; i < batch.N; ++i)
     require(batch.group[i] >= 0 && batch.group[i] < s_.G, "particle " + std::to_string(i) + " has a bad mask group");
   const int nt = s_.nthreads, rb = s_.rot_block;
-  const std::size_t J = ws_.size(), half_n = ws_.half_size(), KP = std::size_t(s_.K) * s_.grid.half_size();
+  const std::size_t J = acc_ws().size(), half_n = ws_.half_size(), KP = std::size_t(s_.K) * s_.grid.half_size();
   EStepRun run(batch, out);
   run.pdata.resize(batch.N);
   run.cands.resize(batch.N);
@@ -393,7 +411,7 @@ EStepCounters EStepPlan::run(const ParticleBatch& batch, const ParticleOutputs& 
     th.scalars.assign(2, 0.0);
 #pragma omp for schedule(static)
     for (int i = 0; i < batch.N; ++i) {
-      compact_particle(ws_, batch.particles + std::size_t(i) * half_n,
+      compact_particle(ws_, split_ ? &acc_ws_ : nullptr, batch.particles + std::size_t(i) * half_n,
                        s_.masks + std::size_t(batch.group[i]) * half_n, run.pdata[i]);
       run.cands[i].clear();
     }

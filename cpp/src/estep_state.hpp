@@ -110,13 +110,18 @@ struct Candidates {
   }
 };
 
-// Compact, per-particle copies of the data restricted to the working set.
+// Compact, per-particle copies of the data restricted to the scored set, and (when it is
+// larger) to the accumulated set.
 struct ParticleData {
-  std::vector<cfloat> wx;  // w_j X_j
+  std::vector<cfloat> wx;  // w_j X_j on the scored set
   std::vector<float> w;    // w_j
-  double x_norm = 0;       // sum_full w |X|^2
-  double x_norm_nodc = 0;
-  double n_obs = 0;        // full-spectrum count of observed components
+  std::vector<cfloat> acc_wx;  // the same on the accumulated set, if it differs (else empty)
+  std::vector<float> acc_w;
+  double x_norm = 0;       // sum_full w |X|^2 over the accumulated set (the whole working set)
+  double x_norm_nodc = 0;  // over the scored set, without DC (CC)
+  double n_obs = 0;        // full-spectrum count of observed components of the accumulated set
+  const cfloat* sum_wx() const { return acc_wx.empty() ? wx.data() : acc_wx.data(); }
+  const float* sum_w() const { return acc_w.empty() ? w.data() : acc_w.data(); }
 };
 
 // Per-thread buffers and accumulators.

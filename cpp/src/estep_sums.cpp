@@ -50,7 +50,8 @@ void EStepPlan::index_contributions(EStepRun& run) {
 // and in which order, depends only on the sizes and the thread count.
 void EStepPlan::weighted_sums(EStepRun& run) {
   const int R = s_.R, T = s_.T;
-  const std::size_t J = ws_.size(), half_P = s_.grid.half_size();
+  const WorkingSet& aw = acc_ws();
+  const std::size_t J = aw.size(), half_P = s_.grid.half_size();
   const bool cc_mode = s_.mode == ScoreMode::CrossCorrelation;
   const double log_prune = log_prune_of(s_.prune);
   ThreadScratch& th = run.scratch[omp_get_thread_num()];
@@ -95,13 +96,15 @@ void EStepPlan::weighted_sums(EStepRun& run) {
       th.scalars[0] += m.pd2;
       th.scalars[1] += m.pt2;
       back_shift_phases(th, m.nkept);
+      const cfloat* wx = d.sum_wx();
+      const float* w = d.sum_w();
       for (std::size_t j = 0; j < J; ++j) {
-        th.ysum[j] += th.phi[j] * std::complex<double>(d.wx[j].real(), d.wx[j].imag());
-        th.msum[j] += m.pkr * d.w[j];
+        th.ysum[j] += th.phi[j] * std::complex<double>(wx[j].real(), wx[j].imag());
+        th.msum[j] += m.pkr * w[j];
       }
     }
     const std::size_t off = static_cast<std::size_t>(k) * half_P;
-    scatter(th.ysum.data(), th.msum.data(), pfull, s_.grid, s_.rotations + 9 * static_cast<std::size_t>(r), ws_,
+    scatter(th.ysum.data(), th.msum.data(), pfull, s_.grid, s_.rotations + 9 * static_cast<std::size_t>(r), aw,
             th.S.data() + off, th.M.data() + off, th.F.data() + off);
   }
 #pragma omp single
@@ -111,7 +114,8 @@ void EStepPlan::weighted_sums(EStepRun& run) {
 // phi_j = sum_t P_t exp(+2 pi i k_j . t / n), which undoes the shifts: direct phase sums for a
 // map with few kept shifts, one forward FFT of the posterior map otherwise.
 void EStepPlan::back_shift_phases(ThreadScratch& th, int nkept) const {
-  const std::size_t J = ws_.size();
+  const WorkingSet& aw = acc_ws();
+  const std::size_t J = aw.size();
   const int n = s_.n, T = s_.T;
   const int direct_max = phase_table_.empty() ? 1 : kDirectPhaseMax;
   auto& phi = th.phi;
@@ -120,7 +124,7 @@ void EStepPlan::back_shift_phases(ThreadScratch& th, int nkept) const {
     for (int t = 0; t < T; ++t) th.rbuf[tidx_[t]] += static_cast<float>(th.post[t]);
     fft_.r2c(th.rbuf.get(), th.cbuf.get());
     for (std::size_t j = 0; j < J; ++j) {
-      const cfloat f = th.cbuf[ws_.index[j]];
+      const cfloat f = th.cbuf[aw.index[j]];
       phi[j] = std::complex<double>(f.real(), -f.imag());
     }
     return;
@@ -136,7 +140,7 @@ void EStepPlan::back_shift_phases(ThreadScratch& th, int nkept) const {
     }
     const int sx = s_.shifts[3 * t], sy = s_.shifts[3 * t + 1], sz = s_.shifts[3 * t + 2];
     for (std::size_t j = 0; j < J; ++j) {
-      const int m = ((ws_.kx[j] * sx + ws_.ky[j] * sy + ws_.kz[j] * sz) % n + n) % n;
+      const int m = ((aw.kx[j] * sx + aw.ky[j] * sy + aw.kz[j] * sz) % n + n) % n;
       phi[j] += p * phase_[m];
     }
   }

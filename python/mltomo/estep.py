@@ -47,6 +47,7 @@ def estep(
     kernel: str = "auto",
     accumulate: bool = True,
     rot_mass: bool = False,
+    score_radius: float | None = None,
 ):
     """Run the E-step on all particles, in chunks that bound the memory of the translation maps.
 
@@ -67,6 +68,10 @@ def estep(
         accumulate: False scores only (``sums`` stay zero): a coarse pass.
         rot_mass: also return ``scores.rot_mass`` ``(N, R)``, each rotation's posterior mass
             summed over classes and shifts (CC: 1 at the best rotation).
+        score_radius: score only the components ``|k| ≤ score_radius`` (``≤ radius``; None: all),
+            counting the reference as 0 beyond it (d² adds ``Σ w|X|²`` there); the sums, ``x_norm``
+            and ``n_observed`` still cover the whole working set (the resolution schedule,
+            :mod:`mltomo.resolution`).
         kernel: how the shifts of one (particle, class, rotation) are scored: ``"fft"`` (one
             inverse FFT of the working box, every shift at once), ``"pruned"`` (a separable
             transform evaluated only on the box of searched shifts; same numbers to float
@@ -80,6 +85,8 @@ def estep(
 
     if mode not in MODES:
         raise ValueError(f"unknown E-step mode {mode!r}: use 'ml' or 'cc'")
+    if score_radius is not None and mode != "ml":
+        raise ValueError("score_radius needs mode 'ml'")
     if kernel not in KERNELS:
         raise ValueError(f"unknown E-step kernel {kernel!r}: use 'auto', 'fft' or 'pruned'")
     K, P = refs.shape[0], refs.shape[1]
@@ -112,6 +119,7 @@ def estep(
         mode=mode, prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block), kernel=kernel,
         # with several chunks, every chunk would rotate the references again unless they are kept
         rotated_cache_bytes=float(max(ROTATED_CACHE_BYTES, memory_budget_bytes if N > chunk else 0)),
+        score_radius=-1.0 if score_radius is None else float(score_radius),
     )
     if rot_mass:
         scores.rot_mass = np.zeros((N, R))

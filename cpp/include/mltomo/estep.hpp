@@ -42,7 +42,10 @@ struct EStepSetup {
   int n = 0;
   const float* masks = nullptr;
   int G = 0;
-  double radius = 0;  // working set: |k| <= radius
+  double radius = 0;  // working set: |k| <= radius (the sums cover all of it)
+  // Scores use only |k| <= score_radius (0 < score_radius <= radius; < 0: radius): d^2 counts
+  // the reference as 0 beyond it, where the caller's filter has made it 0 (the resolution schedule).
+  double score_radius = -1;
   // Search: R rotation matrices (row-major 3x3), T integer shifts (x, y, z) in working voxels,
   // log of the normalised translation prior per shift, log class priors (K).
   const double* rotations = nullptr;
@@ -157,12 +160,15 @@ class EStepPlan {
   EStepSetup s_;
   std::vector<double> rotations_, log_prior_shift_, log_alpha_;
   std::vector<std::int32_t> shifts_;
-  WorkingSet ws_;
+  WorkingSet ws_;                         // the scored components, |k| <= score_radius
+  WorkingSet acc_ws_;                     // the accumulated ones, |k| <= radius, if larger (else empty)
+  bool split_ = false;                    // score_radius < radius
+  const WorkingSet& acc_ws() const { return split_ ? acc_ws_ : ws_; }
   FftPlan3D fft_;
   std::vector<std::int64_t> tidx_;        // (T) output index of shift t in the c2r result
   std::vector<double> t2_;                // (T) |t|^2
   std::vector<std::complex<double>> phase_;  // (n) exp(+2 pi i m / n)
-  std::vector<cfloat> phase_table_;       // (T, J) exp(+2 pi i k_j.t / n), when it fits
+  std::vector<cfloat> phase_table_;       // (T, J_acc) exp(+2 pi i k_j.t / n) on acc_ws(), when it fits
   bool cache_norms_ = false;              // few groups: cache sum hweight w_g |R A|^2 per (k, r, g)
   std::vector<float> group_w_;            // (G, J) masks on the working set, if cache_norms_
   bool cache_rotated_ = false;            // all R_r A_k kept for the iteration
