@@ -13,10 +13,12 @@ and the same with a cap) as further classes.
 
 The runs differ in the E-step: ``default`` is mltomo's default (``kernel="auto"``, the pruned
 separable transform where the cost model says it is cheaper, ``cpp/src/shift_scores.cpp``; and
-the coarse-to-fine rotational search, ``mltomo.coarse``, unless ``--coarse off``); ``exhaustive``
-is the E-step before issue 13 (``kernel="fft"``: one inverse FFT per particle, class, rotation;
-every rotation searched). ``--fidelity`` adds ``no_coarse``: the default kernel searching every
-rotation, all iterations, to show what the coarse stage changes. ``--search auto`` narrows the
+the coarse-to-fine rotational search, ``mltomo.coarse``, unless ``--coarse off``; and the
+resolution schedule, ``mltomo.resolution``, unless ``--schedule off``); ``exhaustive`` is the
+E-step before issue 13 (``kernel="fft"``: one inverse FFT per particle, class, rotation; every
+rotation searched, every shell scored). ``--fidelity`` adds ``every_rotation``: the default
+kernel on every rotation and every shell, all iterations, to show what the coarse stage and the
+schedule change. ``--search auto`` narrows the
 default run once the poses have converged (``mltomo.narrowing``). With
 ``--exhaustive-iterations N`` the exhaustive run stops after N iterations and its end-to-end
 seconds are extrapolated from its mean seconds per iteration (its purity and error are then
@@ -56,7 +58,7 @@ def simulate_workload(args):
     return sim, groups
 
 
-def run(name, kernel, iterations, sim, groups, args, threads, search="global", coarse=False):
+def run(name, kernel, iterations, sim, groups, args, threads, search="global", coarse=False, schedule=False):
     import numpy as np
 
     from mltomo.em import run_em
@@ -69,7 +71,7 @@ def run(name, kernel, iterations, sim, groups, args, threads, search="global", c
     cfg = Config(n_classes=args.classes, iterations=iterations, angular_sampling_deg=args.sampling,
                  max_shift_voxels=3, missing=sim.missing_region, threads=threads, seed=args.seed, eps=0.0,
                  scheme=args.scheme, search=search, kernel=kernel,
-                 coarse_to_fine=coarse)
+                 coarse_to_fine=coarse, resolution_schedule=schedule)
     t0 = time.perf_counter()
     res = run_em(parts, cfg)
     seconds = time.perf_counter() - t0
@@ -90,7 +92,9 @@ def run(name, kernel, iterations, sim, groups, args, threads, search="global", c
             "coarse_iterations": [h.iteration for h in res.history if h.search == "coarse-to-fine"],
             "coarse_missed_nats_max": round(max([h.coarse_missed for h in res.history if h.coarse_rotations]
                                                 or [0.0]), 3),
-            "rotations_per_particle_last": round(res.history[-1].rotations_searched, 1)}
+            "rotations_per_particle_last": round(res.history[-1].rotations_searched, 1),
+            "resolution_schedule": schedule,
+            "score_radius": [round(h.score_radius, 1) for h in res.history]}
 
 
 def main(argv=None):
@@ -111,9 +115,11 @@ def main(argv=None):
                     help="rotational search of the default run (auto: local once converged)")
     ap.add_argument("--coarse", default="on", choices=("on", "off"),
                     help="coarse-to-fine search in the default run (mltomo.coarse; default on)")
+    ap.add_argument("--schedule", default="on", choices=("on", "off"),
+                    help="resolution schedule in the default run (mltomo.resolution; default on)")
     ap.add_argument("--fidelity", action="store_true",
-                    help="also run the default kernel without the coarse stage, all iterations (does the "
-                         "coarse stage change the answer?)")
+                    help="also run the default kernel on every rotation and every shell, all iterations (do the "
+                         "coarse stage and the resolution schedule change the answer?)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="default: all cores")
     ap.add_argument("--data-dir", default=None)
@@ -128,10 +134,10 @@ def main(argv=None):
     load_before = os.getloadavg()
     sim, groups = simulate_workload(args)
     default = run("default", "auto", args.iterations, sim, groups, args, threads, search=args.search,
-                  coarse=args.coarse == "on")
+                  coarse=args.coarse == "on", schedule=args.schedule == "on")
     fidelity = None
     if args.fidelity:
-        fidelity = run("no-coarse", "auto", args.iterations, sim, groups, args, threads, search=args.search)
+        fidelity = run("every-rotation", "auto", args.iterations, sim, groups, args, threads, search=args.search)
     n_ex = min(args.exhaustive_iterations or args.iterations, args.iterations)
     exhaustive = run("exhaustive", "fft", n_ex, sim, groups, args, threads)
     exhaustive["extrapolated"] = n_ex < args.iterations
@@ -141,8 +147,9 @@ def main(argv=None):
     out = {"bench": "protocol",
            "workload": {"particles": args.particles, "box": args.box, "classes": args.classes,
                         "sampling_deg": args.sampling, "snr": args.snr, "iterations": args.iterations,
-                        "scheme": args.scheme, "seed": args.seed, "search": args.search, "coarse": args.coarse},
-           "default": default, "exhaustive": exhaustive, **({"no_coarse": fidelity} if fidelity else {}),
+                        "scheme": args.scheme, "seed": args.seed, "search": args.search, "coarse": args.coarse,
+                        "schedule": args.schedule},
+           "default": default, "exhaustive": exhaustive, **({"every_rotation": fidelity} if fidelity else {}),
            "speed_ratio": round(exhaustive["seconds"] / default["seconds"], 2),
            "target": {"seconds": 120, "speed_ratio": 15},
            "fftw": mltomo.fftw_version(), "threads": threads,

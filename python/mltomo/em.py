@@ -48,6 +48,7 @@ from mltomo.narrowing import decide, local_range_deg
 from mltomo.noise import NoiseModel, estimate, map_shell_sums, noise_groups, scale_full_weights, warn_if_flat
 from mltomo.parallel import SerialComm
 from mltomo.reference import Constraints, lowpass, reference_transforms, soft_sphere
+from mltomo.resolution import score_radius
 from mltomo.sampling import Sampling, rotation_grid, same_rotations_every_iteration, search_space
 from mltomo.split import one_class, pca_split, replicate
 from mltomo.ssnr import effective_components, half_sets, self_fit_offsets
@@ -147,20 +148,21 @@ def _log_class_priors(log_alpha: np.ndarray, offsets):
 
 
 def _estep_iteration(model, Fref, sampling, config, data_w, masks_w, groups, rotations, rot_mask, seeds, bar,
-                     halves=None, offsets=None, rot_mass=False):
+                     halves=None, offsets=None, rot_mass=False, score_radius=None):
     """One E-step on this process's particles (``Fref``: the model's reference transforms):
     ``(sums, half_sums, scores, counters)``.
 
     With ``seeds`` (first iteration of a reference-free start) each particle stays in its
     random subset. With ``halves`` (the adaptive scheme) each half set's sums are kept apart
     (``half_sums``, two :class:`Sums`; ``sums`` is then None until they are reduced);
-    ``offsets`` ``(N, K)`` are added to every particle's log class priors (self-fit correction).
+    ``offsets`` ``(N, K)`` are added to every particle's log class priors (self-fit correction);
+    ``score_radius`` is the resolution schedule's (:mod:`mltomo.resolution`).
     """
     log_alpha = _log_alpha(model)
     lp = sampling.log_prior_shift(model.xi2_voxels)
     kwargs = dict(mode="cc" if config.mode == "cc" else "ml", prune=config.prune, nthreads=config.threads,
                   memory_budget_bytes=config.memory_budget_bytes, kernel=config.kernel,
-                  progress=bar.update if bar else None)
+                  progress=bar.update if bar else None, score_radius=score_radius)
 
     if seeds is not None:
         sums, scores, counters = estep_seeded(seeds, Fref, sampling, data_w, masks_w, groups, rotations, lp,
@@ -267,6 +269,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             offsets = _self_fit_offsets(model, results, particles, masks_w, sampling, N)
         masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
         Fref = _reference_transforms(work, sampling, config)  # the E-step's, and the noise estimate's
+        r_score = score_radius(work, sampling, config, noise)
         data_e = noise.data(data_w, ngroups)
         window = model.coarse_window or config.coarse_window
         coarse, skip = None, model.coarse_skip
@@ -279,7 +282,8 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             rot_mask = coarse.rot_mask
         sums, half_sums, scores, counters = _estep_iteration(
             work, Fref, sampling, config, data_e, masks_e, groups_e, rotations, rot_mask,
-            seeds if seeded else None, bar, halves=halves, offsets=offsets, rot_mass=coarse is not None)
+            seeds if seeded else None, bar, halves=halves, offsets=offsets, rot_mass=coarse is not None,
+            score_radius=r_score)
         if bar:
             bar.close()
         t_e = time.perf_counter()
@@ -339,6 +343,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
                                 else float(len(rotations))),
             coarse_rotations=coarse.n_coarse if coarse is not None else 0,
             coarse_window=window if coarse is not None else float("nan"), coarse_missed=missed,
+            score_radius=float(sampling.radius if r_score is None else r_score),
         )
         history.append(stats)
         _write(comm, results, out_dir, model, particles, config, sampling, stats)
@@ -513,6 +518,7 @@ def format_stats(s: IterationStats) -> str:
     return (f"it {s.iteration:3d}  logL {s.log_likelihood:.6e}  sigma {s.sigma:.4g}  xi {s.xi_voxels:.3g} vox  "
             f"alpha [{alpha}]  change [{ch}]  "
             + (f"res {s.resolution_angstrom:.1f} Å  " if math.isfinite(s.resolution_angstrom) else "")
+            + (f"scored to |k| {s.score_radius:g}  " if math.isfinite(s.score_radius) else "")
             + f"R={s.n_rotations}" + (f" (local, {s.rotations_searched:.0f} each)" if s.search == "local" else "")
             + f" T={s.n_shifts}  "
             f"pruned {100 * s.pruned_fraction:.1f}%  {s.seconds_total:.1f} s "

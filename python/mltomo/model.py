@@ -55,6 +55,7 @@ class Config:
     search: str = "global"  # "global", or "auto": local once the poses have converged (mltomo.narrowing)
     coarse_to_fine: bool = True  # a global search scores a coarse grid first (mltomo.coarse)
     coarse_window: float = 100.0  # nats: the coarse rotations kept below each particle's best
+    resolution_schedule: bool = True  # adaptive scheme: score only to the classes' resolution (mltomo.resolution)
     perturb: bool = True
     no_rotate: bool = False
     no_align: bool = False
@@ -156,6 +157,7 @@ class IterationStats:
     coarse_rotations: int = 0  # coarse-to-fine: rotations of the coarse pass (0: none)
     coarse_window: float = float("nan")  # coarse-to-fine: the window used, nats
     coarse_missed: float = float("nan")  # coarse-to-fine: mean mass the audited particles' windows missed, nats
+    score_radius: float = float("nan")  # the radius the E-step scored to (index units; mltomo.resolution)
 
     @property
     def pruned_fraction(self) -> float:

@@ -68,6 +68,10 @@ def add_args(p):
                         "checked every iteration on a few particles searched exhaustively (default: %(default)s)")
     g.add_argument("--coarse-window", type=float, default=Config.coarse_window, metavar="NATS",
                    help="coarse rotations kept: log posterior within NATS of the particle's best (default %(default)g)")
+    g.add_argument("--resolution-schedule", choices=("on", "off"), default="on" if Config.resolution_schedule else "off",
+                   help="on (adaptive scheme): rotate and score only to a few shells beyond the classes' FSC-0.143 "
+                        "resolution, where the filtered references are 0, while the sums keep every shell "
+                        "(default: %(default)s)")
     g.add_argument("--no-perturb", action="store_true", help="do not re-orient the rotation grid randomly every iteration (default: re-oriented, as in the paper's runs)")
     g.add_argument("--no-rotate", action="store_true", help="keep each particle's rotation; search shifts and classes only (default: off)")
     g.add_argument("--no-align", action="store_true", help="keep rotations and shifts (classification only, paper Fig. 1E; default: off)")
@@ -113,7 +117,8 @@ def config_from_args(args):
         n_classes=args.classes, iterations=args.iter or Config.iterations, mode=args.mode, scheme=args.scheme,
         angular_sampling_deg=args.angular_sampling,
         angular_range_deg=args.angular_range, search=args.search,
-        coarse_to_fine=args.coarse == "on", coarse_window=args.coarse_window, perturb=not args.no_perturb, no_rotate=args.no_rotate,
+        coarse_to_fine=args.coarse == "on", coarse_window=args.coarse_window,
+        resolution_schedule=args.resolution_schedule == "on", perturb=not args.no_perturb, no_rotate=args.no_rotate,
         no_align=args.no_align, max_shift_voxels=args.max_shift, xi0_voxels=args.xi0, missing=args.missing,
         weight_threshold=args.weight_threshold, weight_layout=args.weight_layout, weight_kind=args.weight_kind, tomograms=args.tomograms,
         noise=args.noise,
