@@ -12,9 +12,9 @@ and drops out of every posterior. The E-step therefore rotates the references an
 shifts only on ``|k| ≤ r_s = min(radius, s_res + MARGIN)`` (``score_radius`` of
 :func:`mltomo.estep.estep`); the core still adds the constant term, over the whole working set,
 to each particle's log-likelihood and to the σ² sums, so both keep the same terms as a run
-without the schedule. The weighted
-sums still cover the whole working set: the next M-step's half-set FSC sees every shell, so the
-resolution, and with it ``r_s``, grows as soon as the classes' signal extends.
+without the schedule. The weighted sums still cover the whole working set: the next M-step's
+half-set FSC sees every shell, so the resolution, and with it ``r_s``, grows as soon as the
+classes' signal extends.
 
 What the schedule neglects is the rotated reference beyond ``r_s``. The reference transform is
 0 there on its own grid, but the E-step interpolates it at rotated positions of the padded grid,
