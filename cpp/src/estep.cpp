@@ -8,6 +8,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "estep_state.hpp"
@@ -156,8 +157,9 @@ EStepPlan::EStepPlan(const EStepSetup& setup)
       shifts_(setup.shifts, setup.shifts + 3 * static_cast<std::size_t>(setup.T)),
       ws_(make_working_set(setup.n, setup.score_radius < 0 ? setup.radius : setup.score_radius)),
       fft_(setup.n) {
-  split_ = ws_.size() < make_working_set(setup.n, setup.radius).size();
-  if (split_) acc_ws_ = make_working_set(setup.n, setup.radius);
+  WorkingSet whole = make_working_set(setup.n, setup.radius);
+  split_ = ws_.size() < whole.size();
+  if (split_) acc_ws_ = std::move(whole);
   s_.rotations = rotations_.data();
   s_.log_prior_shift = log_prior_shift_.data();
   s_.log_alpha = log_alpha_.data();

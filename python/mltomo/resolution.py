@@ -70,16 +70,13 @@ def tail_nats(refs: np.ndarray, sigma2: float, radius: float, noise=None) -> np.
     else:
         factor = noise.scale[:, None] ** 2 / noise.shape
     shells = np.minimum(shells, factor.shape[1] - 1)
+    # bin b holds m < |k| <= m + 1 for m = b, so tail[m] sums the bins from m on (|k| = 0: none)
+    bins = np.ceil(rr - 1e-9).astype(np.int64) - 1
+    keep = bins >= 0
     worst = np.zeros(n // 2 + 1)
-    edges = np.arange(n // 2 + 1)
-    order = np.argsort(rr, axis=None)
-    first = np.searchsorted(rr.ravel()[order], edges + 1e-9, side="right")  # first component with |k| > m
     for a in refs:
         p = h * np.abs(rfft_unitary(np.asarray(a, dtype=np.float64))) ** 2
         for f in factor:
-            e = p * f[shells]
-            cum = np.cumsum(e.ravel()[order][::-1])[::-1]  # Σ over the components from each on, by |k|
-            tail = np.where(first < len(cum), cum[np.minimum(first, len(cum) - 1)], 0.0)
-            worst = np.maximum(worst, tail / (2.0 * sigma2))
+            per_bin = np.bincount(bins[keep], (p * f[shells])[keep], minlength=n)[: n // 2 + 1]
+            worst = np.maximum(worst, np.cumsum(per_bin[::-1])[::-1] / (2.0 * sigma2))
     return worst
-
