@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "mltomo/back_shift.hpp"
 #include "mltomo/estep.hpp"
 #include "mltomo/fft_plan.hpp"
 #include "mltomo/fourier_grid.hpp"
@@ -279,6 +280,52 @@ py::array_t<float> shift_correlations(int n, py::handle kx, py::handle ky, py::h
   return out;
 }
 
+// The weighted sums' back-shift on its own: y_j = (sum_t post_t exp(+2 pi i k_j.t/n)) wx_j on the
+// working set |k| <= radius of an n^3 box, by the separable sum ("separable") or one r2c of the
+// posterior map ("fft"), as the E-step does it. For tests against numpy.
+py::array_t<cdouble> back_shift(int n, double radius, py::handle shifts, py::handle post, py::handle wx,
+                                const std::string& method) {
+  const mltomo::WorkingSet ws = mltomo::make_working_set(n, radius);
+  const py::ssize_t T = dim<std::int32_t>(shifts, "shifts", 2, 0), J = static_cast<py::ssize_t>(ws.size());
+  const std::int32_t* s = checked<std::int32_t>(shifts, "shifts", {T, 3});
+  const double* p = checked<double>(post, "post", {T});
+  const cfloat* v = checked<cfloat>(wx, "wx", {J});
+  if (method != "separable" && method != "fft") throw py::value_error("method must be 'separable' or 'fft'");
+  py::array_t<cdouble> out(J);
+  cdouble* o = out.mutable_data();
+  py::gil_scoped_release release;
+  const mltomo::BackShifter b(ws, s, static_cast<int>(T));
+  auto lw = mltomo::aligned_array<float>(b.layout_size());
+  auto y = mltomo::aligned_array<double>(b.layout_size());
+  std::fill(y.get(), y.get() + b.layout_size(), 0.0);
+  b.to_layout(v, lw.get());
+  std::vector<std::int32_t> kept;
+  std::vector<double> pk;
+  for (int t = 0; t < T; ++t)
+    if (p[t] != 0) {
+      kept.push_back(t);
+      pk.push_back(p[t]);
+    }
+  if (method == "separable") {
+    auto scratch = mltomo::aligned_array<float>(b.scratch_size());
+    b.add_shifted(kept.data(), pk.data(), static_cast<int>(kept.size()), lw.get(), y.get(), scratch.get());
+  } else {
+    const mltomo::FftPlan3D plan(n);
+    auto r = mltomo::aligned_array<float>(plan.real_size());
+    auto c = mltomo::aligned_array<cfloat>(plan.half_size());
+    std::fill(r.get(), r.get() + plan.real_size(), 0.f);
+    for (std::size_t q = 0; q < kept.size(); ++q) {
+      const int t = kept[q];
+      const int x = (s[3 * t] % n + n) % n, yy = (s[3 * t + 1] % n + n) % n, z = (s[3 * t + 2] % n + n) % n;
+      r[(static_cast<std::size_t>(z) * n + yy) * n + x] += static_cast<float>(pk[q]);
+    }
+    plan.r2c(r.get(), c.get());
+    b.add_spectrum(c.get(), lw.get(), y.get());
+  }
+  b.from_layout(y.get(), o);
+  return out;
+}
+
 // `count` pruned-kernel scores (cross spectrum included) of the working set |k| <= radius of an
 // n^3 box at the shifts within +-max_shift, on `nthreads` threads, as the E-step calls them.
 // Returns {"seconds", "cost", "fft_cost"}. For benchmarks, beside bench_c2r.
@@ -351,6 +398,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("shift_correlations", &shift_correlations, py::kw_only(), py::arg("n"), py::arg("kx"), py::arg("ky"),
         py::arg("kz"), py::arg("hweight"), py::arg("shifts"), py::arg("wx"), py::arg("ref"),
         "The pruned kernel alone: sum_j h_j Re(wx_j conj(ref_j) e^{+2 pi i k_j.t/n}) at each shift t (T,).");
+  m.def("back_shift", &back_shift, py::kw_only(), py::arg("n"), py::arg("radius"), py::arg("shifts"), py::arg("post"),
+        py::arg("wx"), py::arg("method") = "separable",
+        "The weighted sums' back-shift alone: (sum_t post_t e^{+2 pi i k_j.t/n}) wx_j on the working set (J,).");
   m.def("bench_shift_scores", &bench_shift_scores, py::arg("n"), py::arg("radius"), py::arg("max_shift"),
         py::arg("count"), py::arg("nthreads") = 0);
 }

@@ -16,7 +16,6 @@
 namespace mltomo {
 namespace {
 
-constexpr double kTwoPi = 6.283185307179586476925286766559;
 constexpr int kMaxCachedGroups = 64;
 
 // sum_j h_j w_j |a_j|^2 in double with independent partial sums (a long dependent chain of
@@ -84,14 +83,17 @@ Compacted compact_on(const WorkingSet& ws, const cfloat* X, const float* w, std:
   return c;
 }
 
-// Restricts particle i to the scored set and, when it is larger, to the accumulated set.
-void compact_particle(const WorkingSet& ws, const WorkingSet* acc, const cfloat* X, const float* w,
-                      ParticleData& d) {
+// Restricts particle i to the scored set and, in the back-shift's layout, to the accumulated
+// set (`acc`, when it is larger; wx_acc, w_acc: scratch).
+void compact_particle(const WorkingSet& ws, const WorkingSet* acc, const BackShifter& back, const cfloat* X,
+                      const float* w, ParticleData& d, std::vector<cfloat>& wx_acc, std::vector<float>& w_acc) {
   const Compacted s = compact_on(ws, X, w, d.wx, d.w);
   d.x_norm_nodc = s.norm - s.dc;
-  const Compacted a = acc ? compact_on(*acc, X, w, d.acc_wx, d.acc_w) : s;
+  const Compacted a = acc ? compact_on(*acc, X, w, wx_acc, w_acc) : s;
   d.x_norm = a.norm;
   d.n_obs = a.n_obs;
+  d.bwx = aligned_array<float>(back.layout_size());
+  back.to_layout(acc ? wx_acc.data() : d.wx.data(), d.bwx.get());
 }
 
 struct Best {
@@ -190,7 +192,6 @@ EStepPlan::EStepPlan(const EStepSetup& setup)
 void EStepPlan::build_shift_tables() {
   const int n = s_.n, T = s_.T;
   const WorkingSet& aw = acc_ws();  // the phases back-shift the accumulated set
-  const std::size_t J = aw.size();
   tidx_.resize(T);
   t2_.resize(T);
   for (int t = 0; t < T; ++t) {
@@ -200,21 +201,7 @@ void EStepPlan::build_shift_tables() {
     tidx_[t] = (static_cast<std::int64_t>(z) * n + y) * n + x;
     t2_[t] = double(sx) * sx + double(sy) * sy + double(sz) * sz;
   }
-  // exp(+2 pi i m / n) for the direct back-shift.
-  phase_.resize(n);
-  for (int m = 0; m < n; ++m) phase_[m] = std::polar(1.0, kTwoPi * m / n);
-  // Phases exp(+2 pi i k_j . t / n) per shift, when they fit in 128 MB: back-shifting a map
-  // with few significant shifts then costs a few J-length products instead of an FFT.
-  if (static_cast<double>(T) * J * sizeof(cfloat) > 128.0 * (1 << 20)) return;
-  phase_table_.resize(static_cast<std::size_t>(T) * J);
-  for (int t = 0; t < T; ++t) {
-    const int sx = s_.shifts[3 * t], sy = s_.shifts[3 * t + 1], sz = s_.shifts[3 * t + 2];
-    for (std::size_t j = 0; j < J; ++j) {
-      const int m = ((aw.kx[j] * sx + aw.ky[j] * sy + aw.kz[j] * sz) % n + n) % n;
-      phase_table_[static_cast<std::size_t>(t) * J + j] =
-          cfloat(static_cast<float>(phase_[m].real()), static_cast<float>(phase_[m].imag()));
-    }
-  }
+  back_ = std::make_unique<BackShifter>(aw, s_.shifts, T);
 }
 
 // The pruned kernel when asked for, or (Auto) when its cost model beats one c2r of the working
@@ -402,19 +389,21 @@ EStepCounters EStepPlan::run(const ParticleBatch& batch, const ParticleOutputs& 
     }
     th.scores.resize(s_.T);
     th.scores_f.resize(s_.T);
-    th.phi.resize(J);
-    th.post.resize(s_.T);
+    th.kept_t.reserve(s_.T);
+    th.kept_p.reserve(s_.T);
+    th.ylay = aligned_array<double>(back_->layout_size());
+    th.bscratch = aligned_array<float>(back_->scratch_size());
+    th.gsum.assign(s_.G, 0.0);
+    th.gflag.assign(s_.G, 0);
     th.ysum.resize(J);
     th.msum.resize(J);
-    th.S.assign(KP, cdouble(0, 0));
-    th.M.assign(KP, 0.0);
-    th.F.assign(KP, 0.0);
+    th.smf.assign(4 * KP, 0.0);
     th.W.assign(s_.K, 0.0);
     th.scalars.assign(2, 0.0);
 #pragma omp for schedule(static)
     for (int i = 0; i < batch.N; ++i) {
-      compact_particle(ws_, split_ ? &acc_ws_ : nullptr, batch.particles + std::size_t(i) * half_n,
-                       s_.masks + std::size_t(batch.group[i]) * half_n, run.pdata[i]);
+      compact_particle(ws_, split_ ? &acc_ws_ : nullptr, *back_, batch.particles + std::size_t(i) * half_n,
+                       s_.masks + std::size_t(batch.group[i]) * half_n, run.pdata[i], th.wx_acc, th.w_acc);
       run.cands[i].clear();
     }
     for (int r0 = 0; r0 < s_.R; r0 += rb) {

@@ -110,18 +110,15 @@ struct Candidates {
   }
 };
 
-// Compact, per-particle copies of the data restricted to the scored set, and (when it is
-// larger) to the accumulated set.
+// Compact, per-particle copies of the data restricted to the scored set, and on the
+// accumulated set (the whole working set) in the back-shift's layout.
 struct ParticleData {
   std::vector<cfloat> wx;  // w_j X_j on the scored set
   std::vector<float> w;    // w_j
-  std::vector<cfloat> acc_wx;  // the same on the accumulated set, if it differs (else empty)
-  std::vector<float> acc_w;
+  AlignedArray<float> bwx; // w X on the accumulated set, BackShifter layout
   double x_norm = 0;       // sum_full w |X|^2 over the accumulated set (the whole working set)
   double x_norm_nodc = 0;  // over the scored set, without DC (CC)
   double n_obs = 0;        // full-spectrum count of observed components of the accumulated set
-  const cfloat* sum_wx() const { return acc_wx.empty() ? wx.data() : acc_wx.data(); }
-  const float* sum_w() const { return acc_w.empty() ? w.data() : acc_w.data(); }
 };
 
 // Per-thread buffers and accumulators.
@@ -133,10 +130,18 @@ struct ThreadScratch {
   std::vector<float> cross;   // (T) correlations at the shifts of the current (i, k, r)
   std::vector<double> scores;
   std::vector<float> scores_f;
-  std::vector<std::complex<double>> phi;
-  std::vector<double> post;
-  std::vector<cdouble> ysum, S;
-  std::vector<double> msum, M, F, W, scalars;
+  std::vector<std::int32_t> kept_t;  // the kept shifts of the current map and their posteriors
+  std::vector<double> kept_p;
+  AlignedArray<double> ylay;    // the current (class, rotation)'s back-shifted sum, BackShifter layout
+  AlignedArray<float> bscratch;  // BackShifter scratch
+  std::vector<cfloat> wx_acc;   // a particle's w X on the accumulated set (while compacting)
+  std::vector<float> w_acc;
+  std::vector<double> gsum;     // (G) posterior mass of each mask group in the current (class, rotation)
+  std::vector<std::uint8_t> gflag;
+  std::vector<std::int32_t> gtouched;
+  std::vector<cdouble> ysum;
+  std::vector<double> msum, W, scalars;
+  std::vector<double> smf;  // (K, half_P, 4) S real, S imaginary, M, Mfull (scatter_interleaved)
   std::int64_t samples = 0, kept = 0, maps_pruned = 0, maps_kernel = 0;
 };
 

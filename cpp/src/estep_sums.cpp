@@ -6,11 +6,8 @@
 namespace mltomo {
 namespace {
 
-// A translation map with at most this many kept samples is back-shifted by direct phase sums;
-// wider maps use one forward FFT.
-constexpr int kDirectPhaseMax = 12;
-
-// One (particle, class, rotation)'s share of the sums: P over t in `post`, and its totals.
+// One (particle, class, rotation)'s share of the sums: its kept P_t (in the thread's kept_t,
+// kept_p), and its totals.
 struct MapShare {
   double pkr = 0, pd2 = 0, pt2 = 0;
   int nkept = 0;
@@ -55,22 +52,23 @@ void EStepPlan::weighted_sums(EStepRun& run) {
   const bool cc_mode = s_.mode == ScoreMode::CrossCorrelation;
   const double log_prune = log_prune_of(s_.prune);
   ThreadScratch& th = run.scratch[omp_get_thread_num()];
-  std::vector<double>& post = th.post;
   // P_t of the map and its totals; d^2 = sum w|X|^2 + 2 sigma^2 (log alpha + log p(t) - L).
   auto share = [&](int i, const ParticleData& d, const Candidates& c, int k, std::int32_t cand) {
     MapShare m;
+    th.kept_t.clear();
+    th.kept_p.clear();
     if (cc_mode) {
-      std::fill(post.begin(), post.end(), 0.0);
-      post[c.cc_t] = 1;
+      th.kept_t.push_back(c.cc_t);
+      th.kept_p.push_back(1.0);
       return MapShare{1, d.x_norm + c.cc_s, t2_[c.cc_t], 1};
     }
     const double Lmax = c.run_best, thr = Lmax + log_prune;
     const float* L = &c.maps[static_cast<std::size_t>(cand) * T];
     for (int t = 0; t < T; ++t) {
-      post[t] = 0;
       if (L[t] < thr) continue;
       const double p = std::exp(L[t] - Lmax) / c.total;
-      post[t] = p;
+      th.kept_t.push_back(t);
+      th.kept_p.push_back(p);
       m.pkr += p;
       const double s = 2.0 * s_.sigma2 * ((class_prior(run.batch, i, k) + s_.log_prior_shift[t] - c.offset) - L[t]);
       m.pd2 += p * (d.x_norm + s);
@@ -84,66 +82,54 @@ void EStepPlan::weighted_sums(EStepRun& run) {
     const std::int64_t e0 = run.kr_start[kr], e1 = run.kr_start[kr + 1];
     if (e0 == e1) continue;
     const int k = kr / R, r = kr % R;
-    std::fill(th.ysum.begin(), th.ysum.end(), cdouble(0, 0));
-    std::fill(th.msum.begin(), th.msum.end(), 0.0);
+    std::memset(th.ylay.get(), 0, sizeof(double) * back_->layout_size());
     double pfull = 0;
     for (std::int64_t e = e0; e < e1; ++e) {
       const int i = run.entries[e].particle;
       const MapShare m = share(i, run.pdata[i], run.cands[i], k, run.entries[e].cand);
-      const ParticleData& d = run.pdata[i];
       th.W[k] += m.pkr;
       pfull += m.pkr;
       th.scalars[0] += m.pd2;
       th.scalars[1] += m.pt2;
-      back_shift_phases(th, m.nkept);
-      const cfloat* wx = d.sum_wx();
-      const float* w = d.sum_w();
-      for (std::size_t j = 0; j < J; ++j) {
-        th.ysum[j] += th.phi[j] * std::complex<double>(wx[j].real(), wx[j].imag());
-        th.msum[j] += m.pkr * w[j];
+      back_shift(th, run.pdata[i]);
+      const int g = run.batch.group[i];  // w_i is its group's mask: M sums the groups' masses
+      if (!th.gflag[g]) {
+        th.gflag[g] = 1;
+        th.gtouched.push_back(g);
       }
+      th.gsum[g] += m.pkr;
     }
+    std::fill(th.msum.begin(), th.msum.end(), 0.0);
+    for (const int g : th.gtouched) {
+      const float* mask = s_.masks + static_cast<std::size_t>(g) * aw.half_size();
+      const double pg = th.gsum[g];
+      for (std::size_t j = 0; j < J; ++j) th.msum[j] += pg * mask[aw.index[j]];
+      th.gsum[g] = 0;
+      th.gflag[g] = 0;
+    }
+    th.gtouched.clear();
+    back_->from_layout(th.ylay.get(), th.ysum.data());
     const std::size_t off = static_cast<std::size_t>(k) * half_P;
-    scatter(th.ysum.data(), th.msum.data(), pfull, s_.grid, s_.rotations + 9 * static_cast<std::size_t>(r), aw,
-            th.S.data() + off, th.M.data() + off, th.F.data() + off);
+    scatter_interleaved(th.ysum.data(), th.msum.data(), pfull, s_.grid, s_.rotations + 9 * static_cast<std::size_t>(r),
+                        aw, th.smf.data() + 4 * off);
   }
 #pragma omp single
   run.t_acc += omp_get_wtime();
 }
 
-// phi_j = sum_t P_t exp(+2 pi i k_j . t / n), which undoes the shifts: direct phase sums for a
-// map with few kept shifts, one forward FFT of the posterior map otherwise.
-void EStepPlan::back_shift_phases(ThreadScratch& th, int nkept) const {
-  const WorkingSet& aw = acc_ws();
-  const std::size_t J = aw.size();
-  const int n = s_.n, T = s_.T;
-  const int direct_max = phase_table_.empty() ? 1 : kDirectPhaseMax;
-  auto& phi = th.phi;
-  if (nkept > direct_max) {
-    std::memset(th.rbuf.get(), 0, sizeof(float) * fft_.real_size());
-    for (int t = 0; t < T; ++t) th.rbuf[tidx_[t]] += static_cast<float>(th.post[t]);
-    fft_.r2c(th.rbuf.get(), th.cbuf.get());
-    for (std::size_t j = 0; j < J; ++j) {
-      const cfloat f = th.cbuf[aw.index[j]];
-      phi[j] = std::complex<double>(f.real(), -f.imag());
-    }
+// ylay += phi (w X) for the thread's kept shifts, phi_j = sum_t P_t exp(+2 pi i k_j.t/n) (undoes
+// the shifts): the separable sum for a map with few kept shifts, one forward FFT of the posterior
+// map otherwise.
+void EStepPlan::back_shift(ThreadScratch& th, const ParticleData& d) const {
+  const int nkept = static_cast<int>(th.kept_t.size());
+  if (back_->separable_is_cheaper(nkept)) {
+    back_->add_shifted(th.kept_t.data(), th.kept_p.data(), nkept, d.bwx.get(), th.ylay.get(), th.bscratch.get());
     return;
   }
-  std::fill(phi.begin(), phi.end(), std::complex<double>(0, 0));
-  for (int t = 0; t < T; ++t) {
-    const double p = th.post[t];
-    if (p == 0) continue;
-    if (!phase_table_.empty()) {
-      const cfloat* E = &phase_table_[static_cast<std::size_t>(t) * J];
-      for (std::size_t j = 0; j < J; ++j) phi[j] += p * std::complex<double>(E[j].real(), E[j].imag());
-      continue;
-    }
-    const int sx = s_.shifts[3 * t], sy = s_.shifts[3 * t + 1], sz = s_.shifts[3 * t + 2];
-    for (std::size_t j = 0; j < J; ++j) {
-      const int m = ((aw.kx[j] * sx + aw.ky[j] * sy + aw.kz[j] * sz) % n + n) % n;
-      phi[j] += p * phase_[m];
-    }
-  }
+  std::memset(th.rbuf.get(), 0, sizeof(float) * fft_.real_size());
+  for (int q = 0; q < nkept; ++q) th.rbuf[tidx_[th.kept_t[q]]] += static_cast<float>(th.kept_p[q]);
+  fft_.r2c(th.rbuf.get(), th.cbuf.get());
+  back_->add_spectrum(th.cbuf.get(), d.bwx.get(), th.ylay.get());
 }
 
 // Fixed-order reduction of the per-thread sums into the caller's accumulators.
@@ -163,13 +149,11 @@ void EStepPlan::reduce(EStepRun& run, const Accumulators& acc) const {
     std::fill(m.begin(), m.end(), 0.0);
     std::fill(f.begin(), f.end(), 0.0);
     for (const ThreadScratch& th : run.scratch) {
-      const cdouble* a = th.S.data() + off;
-      const double* b = th.M.data() + off;
-      const double* c = th.F.data() + off;
+      const double* a = th.smf.data() + 4 * off;
       for (std::size_t q = 0; q < half_P; ++q) {
-        s[q] += a[q];
-        m[q] += b[q];
-        f[q] += c[q];
+        s[q] += cdouble(a[4 * q], a[4 * q + 1]);
+        m[q] += a[4 * q + 2];
+        f[q] += a[4 * q + 3];
       }
     }
     fold_x0_plane(s_.grid, s.data(), m.data());

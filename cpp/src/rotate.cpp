@@ -62,6 +62,23 @@ void gather(const cfloat* grid, const PaddedGeometry& g, const double R[9], cons
   }
 }
 
+namespace {
+// The 8 trilinear weights of a located sample and the offsets of its neighbours from c.base.
+inline void corner_weights(const Corner& c, double w[8], std::int64_t off[8]) {
+  const double fx = c.fx, fy = c.fy, fz = c.fz;
+  w[0] = (1 - fx) * (1 - fy) * (1 - fz);
+  w[1] = fx * (1 - fy) * (1 - fz);
+  w[2] = (1 - fx) * fy * (1 - fz);
+  w[3] = fx * fy * (1 - fz);
+  w[4] = (1 - fx) * (1 - fy) * fz;
+  w[5] = fx * (1 - fy) * fz;
+  w[6] = (1 - fx) * fy * fz;
+  w[7] = fx * fy * fz;
+  const std::int64_t o[8] = {0, 1, c.dy, c.dy + 1, c.dz, c.dz + 1, c.dz + c.dy, c.dz + c.dy + 1};
+  std::copy(o, o + 8, off);
+}
+}  // namespace
+
 void scatter(const cdouble* values, const double* weights, double full_weight, const PaddedGeometry& g,
              const double R[9], const WorkingSet& ws, cdouble* accS, double* accM, double* accF) {
   const std::size_t J = ws.size();
@@ -69,11 +86,9 @@ void scatter(const cdouble* values, const double* weights, double full_weight, c
     const double sf = ws.scatter_factor[j];
     if (sf == 0) continue;
     const Corner c = locate(g, R, ws.kx[j], ws.ky[j], ws.kz[j]);
-    const double fx = c.fx, fy = c.fy, fz = c.fz;
-    const double w[8] = {(1 - fx) * (1 - fy) * (1 - fz), fx * (1 - fy) * (1 - fz), (1 - fx) * fy * (1 - fz),
-                         fx * fy * (1 - fz),             (1 - fx) * (1 - fy) * fz, fx * (1 - fy) * fz,
-                         (1 - fx) * fy * fz,             fx * fy * fz};
-    const std::int64_t off[8] = {0, 1, c.dy, c.dy + 1, c.dz, c.dz + 1, c.dz + c.dy, c.dz + c.dy + 1};
+    double w[8];
+    std::int64_t off[8];
+    corner_weights(c, w, off);
     if (values && accS) {
       cdouble v = values[j];
       if (c.conj) v = std::conj(v);
@@ -88,6 +103,41 @@ void scatter(const cdouble* values, const double* weights, double full_weight, c
     if (accF && full_weight != 0) {
       const double m = sf * full_weight;
       for (int q = 0; q < 8; ++q) accF[c.base + off[q]] += w[q] * m;
+    }
+  }
+}
+
+void scatter_interleaved(const cdouble* values, const double* weights, double full_weight, const PaddedGeometry& g,
+                         const double R[9], const WorkingSet& ws, double* acc) {
+  const std::size_t J = ws.size();
+  // The accumulator is larger than the cache and the neighbours of consecutive components lie
+  // apart in it: their lines are requested kAhead components early.
+  constexpr std::size_t kAhead = 8;
+  for (std::size_t j = 0; j < J; ++j) {
+    if (j + kAhead < J) {
+      const std::size_t a = j + kAhead;
+      const Corner n = locate(g, R, ws.kx[a], ws.ky[a], ws.kz[a]);
+      const double* b = acc + 4 * n.base;
+      __builtin_prefetch(b, 1);
+      __builtin_prefetch(b + 4 * n.dy, 1);
+      __builtin_prefetch(b + 4 * n.dz, 1);
+      __builtin_prefetch(b + 4 * (n.dz + n.dy), 1);
+    }
+    const double sf = ws.scatter_factor[j];
+    if (sf == 0) continue;
+    const Corner c = locate(g, R, ws.kx[j], ws.ky[j], ws.kz[j]);
+    double w[8];
+    std::int64_t off[8];
+    corner_weights(c, w, off);
+    cdouble v = values[j];
+    if (c.conj) v = std::conj(v);
+    const double vr = sf * v.real(), vi = sf * v.imag(), m = sf * weights[j], f = sf * full_weight;
+    for (int q = 0; q < 8; ++q) {
+      double* a = acc + 4 * (c.base + off[q]);
+      a[0] += w[q] * vr;
+      a[1] += w[q] * vi;
+      a[2] += w[q] * m;
+      a[3] += w[q] * f;
     }
   }
 }

@@ -22,6 +22,7 @@
 #include <memory>
 #include <vector>
 
+#include "mltomo/back_shift.hpp"
 #include "mltomo/fft_plan.hpp"
 #include "mltomo/fourier_grid.hpp"
 #include "mltomo/interp.hpp"
@@ -149,7 +150,7 @@ class EStepPlan {
   void posteriors(EStepRun& run);
   void index_contributions(EStepRun& run);
   void weighted_sums(EStepRun& run);
-  void back_shift_phases(ThreadScratch& th, int nkept) const;
+  void back_shift(ThreadScratch& th, const ParticleData& d) const;
   void reduce(EStepRun& run, const Accumulators& acc) const;
   std::size_t slot(int k, int r, int r0) const;
   // log alpha_k plus the batch's per-particle offset of particle i, if any.
@@ -167,8 +168,7 @@ class EStepPlan {
   FftPlan3D fft_;
   std::vector<std::int64_t> tidx_;        // (T) output index of shift t in the c2r result
   std::vector<double> t2_;                // (T) |t|^2
-  std::vector<std::complex<double>> phase_;  // (n) exp(+2 pi i m / n)
-  std::vector<cfloat> phase_table_;       // (T, J_acc) exp(+2 pi i k_j.t / n) on acc_ws(), when it fits
+  std::unique_ptr<BackShifter> back_;     // the weighted sums' back-shift on acc_ws()
   bool cache_norms_ = false;              // few groups: cache sum hweight w_g |R A|^2 per (k, r, g)
   std::vector<float> group_w_;            // (G, J) masks on the working set, if cache_norms_
   bool cache_rotated_ = false;            // all R_r A_k kept for the iteration

@@ -35,6 +35,11 @@ void gather(const cfloat* grid, const PaddedGeometry& g, const double R[9], cons
 void scatter(const cdouble* values, const double* weights, double full_weight, const PaddedGeometry& g,
              const double R[9], const WorkingSet& ws, cdouble* accS, double* accM, double* accF);
 
+// The same into one interleaved accumulator, four doubles per grid point (S real, S imaginary,
+// M, Mfull): one cache line per neighbour pair instead of three.
+void scatter_interleaved(const cdouble* values, const double* weights, double full_weight, const PaddedGeometry& g,
+                         const double R[9], const WorkingSet& ws, double* acc);
+
 // Completes the adjoint on the stored x = 0 plane: a sample near px = 0 also touches the
 // mirrored, conjugated neighbours there. S[0,y,z] += conj(S[0,-y,-z]); M likewise.
 void fold_x0_plane(const PaddedGeometry& g, cdouble* accS, double* accM);
