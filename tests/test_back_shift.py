@@ -7,6 +7,7 @@ import pytest
 from test_estep_oracle import make_problem, run_core
 
 from mltomo import _core
+
 from oracle import oracle_estep
 
 
