@@ -48,17 +48,33 @@ inline Corner locate(const PaddedGeometry& g, const double R[9], double kx, doub
 }  // namespace
 
 void gather(const cfloat* grid, const PaddedGeometry& g, const double R[9], const WorkingSet& ws, cfloat* out) {
+  // Blocks of components: locate them all and request their neighbours' lines, then
+  // interpolate (the neighbours of consecutive components lie apart in the grid).
+  constexpr std::size_t kBlock = 16;
+  Corner cs[kBlock];
   const std::size_t J = ws.size();
-  for (std::size_t j = 0; j < J; ++j) {
-    const Corner c = locate(g, R, ws.kx[j], ws.ky[j], ws.kz[j]);
-    const cfloat* b = grid + c.base;
-    const float gx = 1.f - c.fx, gy = 1.f - c.fy, gz = 1.f - c.fz;
-    const cfloat v00 = gx * b[0] + c.fx * b[1];
-    const cfloat v10 = gx * b[c.dy] + c.fx * b[c.dy + 1];
-    const cfloat v01 = gx * b[c.dz] + c.fx * b[c.dz + 1];
-    const cfloat v11 = gx * b[c.dz + c.dy] + c.fx * b[c.dz + c.dy + 1];
-    const cfloat v = gz * (gy * v00 + c.fy * v10) + c.fz * (gy * v01 + c.fy * v11);
-    out[j] = c.conj ? std::conj(v) : v;
+  for (std::size_t j0 = 0; j0 < J; j0 += kBlock) {
+    const std::size_t m = std::min(kBlock, J - j0);
+    for (std::size_t u = 0; u < m; ++u) {
+      const std::size_t j = j0 + u;
+      cs[u] = locate(g, R, ws.kx[j], ws.ky[j], ws.kz[j]);
+      const cfloat* b = grid + cs[u].base;
+      __builtin_prefetch(b);
+      __builtin_prefetch(b + cs[u].dy);
+      __builtin_prefetch(b + cs[u].dz);
+      __builtin_prefetch(b + cs[u].dz + cs[u].dy);
+    }
+    for (std::size_t u = 0; u < m; ++u) {
+      const Corner& c = cs[u];
+      const cfloat* b = grid + c.base;
+      const float gx = 1.f - c.fx, gy = 1.f - c.fy, gz = 1.f - c.fz;
+      const cfloat v00 = gx * b[0] + c.fx * b[1];
+      const cfloat v10 = gx * b[c.dy] + c.fx * b[c.dy + 1];
+      const cfloat v01 = gx * b[c.dz] + c.fx * b[c.dz + 1];
+      const cfloat v11 = gx * b[c.dz + c.dy] + c.fx * b[c.dz + c.dy + 1];
+      const cfloat v = gz * (gy * v00 + c.fy * v10) + c.fz * (gy * v01 + c.fy * v11);
+      out[j0 + u] = c.conj ? std::conj(v) : v;
+    }
   }
 }
 
