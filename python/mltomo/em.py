@@ -32,7 +32,7 @@ from dataclasses import replace
 import numpy as np
 
 from mltomo import coarse as coarse_search
-from mltomo import geometry
+from mltomo import geometry, spectra_cache
 from mltomo.estep import KERNELS, estep
 from mltomo.initial import (
     estep_seeded,
@@ -230,7 +230,8 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     sampling = Sampling.create(particles.box, voxel, config)
     group = geometry.symmetry_group(config.sym)
     N = particles.n_total
-    spectra_w = sampling.crop(particles.spectra)
+    spectra_w = spectra_cache.cropped(particles.spectra, sampling.crop, sampling.n_w, config.spectra_budget_bytes,
+                                      config.cache_dir)
     masks_w = sampling.crop(particles.masks).astype(np.float32)
     sphere = None
     if config.particle_diameter_angstrom:
@@ -259,7 +260,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         it_config = replace(config, angular_range_deg=local_range_deg(config)) if local else config
         rotations, rot_mask, pre_shift = search_space(it_config, it, group, particles, results)
         prev_results, prev_ll, prev_noise = results, model.log_likelihood, model.search_noise
-        data_w = spectra_w if pre_shift is None else sampling.apply_shifts(spectra_w, pre_shift)
+        data_w = spectra_w if pre_shift is None else spectra_cache.shifted(spectra_w, sampling.apply_shifts, pre_shift)
         bar = progress(len(particles), f"iteration {it}") if progress else None
         tied = it <= tied_until
         seeded = seeds is not None and it == seed_it

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mltomo import spectra_cache
 from mltomo.model import ParticleScores, Sums
 
 MODES = {"ml": 0, "cc": 1}
@@ -131,6 +132,7 @@ def estep(
             getattr(scores, name)[sel] = values
         for key in counters:
             counters[key] += res["counters"][key]
+        spectra_cache.release(particles, sel)  # a memory-mapped cache: the chunk's pages leave the resident set
         if progress is not None:
             progress(len(res["scores"]["log_sum"]))
     return sums, scores, counters

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from mltomo import geometry
+from mltomo import geometry, spectra_cache
 from mltomo.estep import estep
 from mltomo.model import Config, ParticleScores, Sums
 from mltomo.mstep import update_references
@@ -36,7 +36,8 @@ def _starting_poses(particles, sampling: Sampling, config: Config, comm):
     """``(subset (N,) 0-based, rotations (N, 3, 3), working-box spectra with known shifts
     undone, reference-free)`` of this process's particles for :func:`initial_references`;
     reference-free: neither prior classes nor fixed poses, so the rotations are random."""
-    spectra = sampling.crop(particles.spectra)
+    spectra = spectra_cache.cropped(particles.spectra, sampling.crop, sampling.n_w, config.spectra_budget_bytes,
+                                    config.cache_dir)
     local = np.asarray(particles.indices)
     prior_classes = uses_prior_classes(particles, config, comm)
     fixed_poses = (config.no_rotate or config.no_align) and particles.prior_angles is not None
@@ -47,7 +48,8 @@ def _starting_poses(particles, sampling: Sampling, config: Config, comm):
     if prior_classes or fixed_poses:
         rots = geometry.euler_to_matrix(*np.asarray(particles.prior_angles, dtype=np.float64).T)
         if particles.prior_shifts_angstrom is not None:
-            spectra = sampling.apply_shifts(spectra, particles.prior_shifts_angstrom / particles.voxel_size_angstrom)
+            spectra = spectra_cache.shifted(spectra, sampling.apply_shifts,
+                                            particles.prior_shifts_angstrom / particles.voxel_size_angstrom)
     else:
         rots = geometry.random_rotations(particles.n_total, np.random.default_rng([config.seed, 0, 8]))[local]
     return subset, rots, spectra, not (prior_classes or fixed_poses)
@@ -108,6 +110,8 @@ def initial_sigma2(spectra_w, masks_w, groups, sampling: Sampling, comm) -> floa
     for j in range(len(spectra_w)):
         w = masks_w[groups[j]]
         num += float(np.sum(hw_w * w * np.abs(spectra_w[j]) ** 2))
+        if j % spectra_cache.RELEASE_ROWS == spectra_cache.RELEASE_ROWS - 1:
+            spectra_cache.release(spectra_w, slice(j + 1 - spectra_cache.RELEASE_ROWS, j + 1))
         den += float(np.sum(hw_w * (w > 0)))
     num, den = comm.sum(num), comm.sum(den)
     return num / max(den, 1.0)
@@ -169,7 +173,7 @@ def reference_scale(refs, particles, spectra_w, masks_w, sampling: Sampling, con
     if config.angular_range_deg is None and config.rotations is None:  # a global search: coarse poses will do
         config = replace(config, angular_sampling_deg=max(config.angular_sampling_deg, SCALE_SAMPLING_DEG))
     rotations, rot_mask, pre_shift = search_space(config, 1, geometry.symmetry_group(config.sym), particles, None)
-    data_w = spectra_w if pre_shift is None else sampling.apply_shifts(spectra_w, pre_shift)
+    data_w = spectra_w if pre_shift is None else spectra_cache.shifted(spectra_w, sampling.apply_shifts, pre_shift)
     Fref = reference_transforms(refs, sampling.pad, sampling.P_w, config.gridding)
     K = len(refs)
     _, scores, _ = estep(Fref, sampling.pad, data_w, masks_w, particles.groups, sampling.radius, rotations,

@@ -89,7 +89,11 @@ class Config:
     initial_lowpass_angstrom: float | None = None
     prune: float = 1e-8
     kernel: str = "auto"  # how the E-step scores shifts: "auto", "fft" or "pruned" (mltomo.estep)
-    memory_budget_bytes: int = 1 << 30
+    memory_budget_bytes: int = 1 << 30  # the E-step's chunk of particles (translation maps, copies)
+    # the particles' spectra are held in memory up to this many bytes, else in a memory-mapped
+    # cache in cache_dir (None: the system's temporary directory): mltomo.spectra_cache
+    spectra_budget_bytes: float | None = None
+    cache_dir: str | None = None
     rotations: object = None  # optional explicit (R, 3, 3) rotation list (tests, experiments)
 
     def to_dict(self) -> dict:

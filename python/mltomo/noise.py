@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mltomo import spectra_cache
 from mltomo.fourier import radius_half
 
 log = logging.getLogger("mltomo")
@@ -114,11 +115,11 @@ class NoiseModel:
         return np.ascontiguousarray(eff, dtype=np.float32), ng.pair_of
 
     def data(self, spectra_w: np.ndarray, ng: NoiseGroups) -> np.ndarray:
-        """``X' = X / s_g`` (the input itself when every scale is 1)."""
+        """``X' = X / s_g`` (the input itself when every scale is 1; computed per block of
+        particles when the input is a memory-mapped cache, :mod:`mltomo.spectra_cache`)."""
         if np.all(self.scale == 1.0):
             return spectra_w
-        inv = (1.0 / self.scale[ng.of]).astype(np.float32)
-        return spectra_w * inv[:, None, None, None]
+        return spectra_cache.scaled(spectra_w, 1.0 / self.scale[ng.of])
 
     def log_normaliser(self, masks_w: np.ndarray, sampling, ng: NoiseGroups) -> np.ndarray:
         """``(N_local,)`` ``−½ Σ_k h [w > 0] log c_g(|k|)`` over each particle's observed working
@@ -180,7 +181,9 @@ def map_shell_sums(spectra_w, masks_w, groups, results, Fref, sampling, voxel_si
         g, q = int(groups[i]), int(of[i])
         pred = _core.rotate_forward(Fref[classes[i]], sampling.pad, np.ascontiguousarray(R[i]), n_w,
                                     sampling.radius).ravel()
-        x = sampling.apply_shifts(spectra_w[i : i + 1], shifts[i : i + 1])[0].ravel()  # one at a time: no copy of all
+        x = sampling.apply_shifts(np.asarray(spectra_w[i : i + 1]), shifts[i : i + 1])[0].ravel()  # one at a time
+        if i % spectra_cache.RELEASE_ROWS == spectra_cache.RELEASE_ROWS - 1:
+            spectra_cache.release(spectra_w, slice(i + 1 - spectra_cache.RELEASE_ROWS, i + 1))
         hwi = hw * masks_w[g].ravel()
         a[q] += np.bincount(shells, hwi * (x.conj() * pred).real, S)
         b[q] += np.bincount(shells, hwi * np.abs(pred) ** 2, S)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mltomo import spectra_cache
 from mltomo.model import Particles
 from mltomo.parallel import SerialComm, split_range
 
@@ -118,7 +119,7 @@ def _optimisation_set_particles(path: Path) -> Path | None:
 
 def read_particles(star_path, *, missing: str = "none", weight_threshold: float | None = None,
                    weight_layout: str = "auto", weight_kind: str = "auto", tomograms=None,
-                   comm=None) -> Particles:
+                   comm=None, memory_budget_bytes: float | None = None, cache_dir=None) -> Particles:
     """This rank's block of the STAR table ``star_path``: spectra, missing-region masks (by
     ``--missing``, the table's ``mltomoMissingRegion``, a tomograms block or weight volumes),
     priors. A bad table or particle is one error line (``ParticleTableError``) on every rank.
@@ -126,6 +127,9 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
     A RELION 5 optimisation set, or a particle table of 2D tilt stacks
     (``rlnTomoSubTomosAre2DStacks 1``; its tomograms table is ``tomograms``), becomes
     pseudo-subtomograms with one weight per particle: see :mod:`mltomo.io.relion5`.
+
+    Spectra larger than ``memory_budget_bytes`` are written to a memory-mapped cache in
+    ``cache_dir`` as they are read (:mod:`mltomo.spectra_cache`).
     """
     comm = comm or SerialComm()
     path = Path(star_path)
@@ -148,7 +152,8 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
     N = len(df)
     a, b = split_range(N, comm.rank, comm.size)
     spectra, labels, names, masks, box, header_voxel = _read_block(
-        df, a, b, star_dir, missing, (weight_threshold, weight_layout, weight_kind), tomo_regions, voxel, comm)
+        df, a, b, star_dir, missing, (weight_threshold, weight_layout, weight_kind), tomo_regions, voxel, comm,
+        (memory_budget_bytes, cache_dir))
 
     # Every rank must agree on the box and voxel size.
     info = comm.gather((box, header_voxel))
@@ -241,10 +246,11 @@ def _read_table(path: Path, blocks: dict, comm):
     return df, table_name
 
 
-def _read_block(df, a, b, star_dir, missing, weighting, tomo_regions, voxel, comm):
+def _read_block(df, a, b, star_dir, missing, weighting, tomo_regions, voxel, comm, storage=(None, None)):
     """This rank's rows ``a:b``: spectra, region labels, names, masks by label, box and the
     first particle's header voxel size; a bad file is one error line on every rank.
-    ``weighting``: ``(threshold, layout, kind)`` of weight volumes."""
+    ``weighting``: ``(threshold, layout, kind)`` of weight volumes; ``storage``: ``(memory
+    budget, cache directory)`` of the spectra (:func:`mltomo.spectra_cache.allocate`)."""
     from mltomo.fourier import parse_missing_region, rfft_unitary
     from mltomo.io import read_volume_any
 
@@ -267,7 +273,7 @@ def _read_block(df, a, b, star_dir, missing, weighting, tomo_regions, voxel, com
                 raise ParticleTableError(f"{name}: volume is {vol.shape}, particles must be cubic")
             if box is None:
                 box, header_voxel = vol.shape[0], vs
-                spectra = np.empty((b - a, box, box, box // 2 + 1), np.complex64)
+                spectra = spectra_cache.allocate(b - a, box, *storage)
             elif vol.shape[0] != box:
                 raise ParticleTableError(f"{name}: box {vol.shape[0]} differs from the first particle's {box}")
             if voxel is None and vs and header_voxel and abs(vs - header_voxel) > 1e-3 * header_voxel:
@@ -285,6 +291,10 @@ def _read_block(df, a, b, star_dir, missing, weighting, tomo_regions, voxel, com
             labels.append(label)
             spectra[i - a] = spectrum
             names.append(name)
+            if (i - a) % spectra_cache.RELEASE_ROWS == spectra_cache.RELEASE_ROWS - 1:
+                spectra_cache.release(spectra, slice(i - a + 1 - spectra_cache.RELEASE_ROWS, i - a + 1))
+        if spectra is not None:
+            spectra_cache.release(spectra, slice(None))
     except (ParticleTableError, OSError, ValueError) as exc:
         error = str(exc)
     comm.check(error)
@@ -358,12 +368,13 @@ def _weights(wvol, box: int, spectrum, threshold, layout, kind="auto"):
 
 
 def particles_from_arrays(volumes, voxel_size_angstrom: float, missing="none", names=None,
-                          comm=None) -> Particles:
+                          comm=None, memory_budget_bytes: float | None = None, cache_dir=None) -> Particles:
     """Particles from in-memory volumes ``(N, n, n, n)`` sharing one missing region (e.g. a
     :class:`mltomo.simulate.SimulatedData`'s ``volumes`` and ``missing_region``).
 
     With ``comm`` (:func:`mltomo.parallel.get_comm`), every rank passes all ``N`` volumes and
     keeps its own contiguous block of them, as :func:`read_particles` does with a table.
+    Spectra larger than ``memory_budget_bytes`` go to a memory-mapped cache in ``cache_dir``.
     """
     from mltomo.fourier import missing_region_mask, parse_missing_region, rfft_unitary
 
@@ -377,9 +388,10 @@ def particles_from_arrays(volumes, voxel_size_angstrom: float, missing="none", n
     a, b = split_range(N, comm.rank, comm.size)
     label = str(parse_missing_region(missing))
     mask = missing_region_mask(label, n)
-    spectra = np.empty((b - a, n, n, n // 2 + 1), np.complex64)
+    spectra = spectra_cache.allocate(b - a, n, memory_budget_bytes, cache_dir)
     for j in range(a, b):
         spectra[j - a] = rfft_unitary(vols[j])
+    spectra_cache.release(spectra, slice(None))
     names = tuple(names) if names is not None else tuple(f"particle{i + 1}" for i in range(N))
     return Particles(
         spectra=spectra, masks=mask[None].astype(np.float32), groups=np.zeros(b - a, np.int32),

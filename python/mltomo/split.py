@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mltomo import geometry
+from mltomo import geometry, spectra_cache
 from mltomo.fourier import half_weights, radius_half
 
 MAX_COMPONENTS = 16384
@@ -63,17 +63,20 @@ def residuals(spectra_w, masks_w, groups, angles, shifts_voxels, sampling, filt,
 
     P = sampling.P_w
     idx, w = _selection(P, sampling.pad, filt, shell, max_components, seed)
-    data = sampling.apply_shifts(spectra_w, shifts_voxels)
     R = geometry.euler_to_matrix(*np.asarray(angles, dtype=np.float64).T).reshape(-1, 3, 3)
-    S_i = np.zeros((len(data), len(idx)), np.complex128)
-    M_i = np.zeros((len(data), len(idx)))
+    N = len(spectra_w)
+    S_i = np.zeros((N, len(idx)), np.complex128)
+    M_i = np.zeros((N, len(idx)))
     S = np.zeros((P, P, P // 2 + 1), np.complex128)
     M = np.zeros(S.shape)
-    for j in range(len(data)):
+    for j in range(N):
         S[...] = 0
         M[...] = 0
         m = masks_w[groups[j]]
-        _core.rotate_back(np.ascontiguousarray(data[j] * m, dtype=np.complex64),
+        x = sampling.apply_shifts(np.asarray(spectra_w[j : j + 1]), np.asarray(shifts_voxels)[j : j + 1])[0]
+        if j % spectra_cache.RELEASE_ROWS == spectra_cache.RELEASE_ROWS - 1:
+            spectra_cache.release(spectra_w, slice(j + 1 - spectra_cache.RELEASE_ROWS, j + 1))
+        _core.rotate_back(np.ascontiguousarray(x * m, dtype=np.complex64),
                           np.ascontiguousarray(m, dtype=np.float32), sampling.pad,
                           np.ascontiguousarray(R[j]), sampling.radius, S, M)
         S_i[j] = S.ravel()[idx]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from mltomo.cli import UserError
 
@@ -106,6 +107,12 @@ def add_args(p):
     g.add_argument("--eps", type=float, default=1e-5, help="stop when every class changes by less than this (relative; default 1e-5)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--threads", type=int, default=0, help="threads per process (default: all cores, or OMP_NUM_THREADS)")
+    g.add_argument("--memory-budget", type=float, metavar="GB",
+                   help="hold each process's particle spectra in memory up to this many GB, else stream them from "
+                        "a memory-mapped cache in --cache-dir; also bounds the E-step's chunk (default: all in memory)")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="directory of the spectra cache (an unlinked temporary file; default: the system's temporary "
+                        "directory)")
     g.add_argument("--quiet", action="store_true", help="no progress bar (default: a progress bar when stderr is a terminal)")
     g.add_argument("--verbose", action="store_true", help="debug logging (default: one line per iteration)")
 
@@ -127,7 +134,19 @@ def config_from_args(args):
         fix_fractions=args.fix_fractions, max_resolution_angstrom=args.max_resolution, padding=args.padding,
         particle_diameter_angstrom=args.particle_diameter, mask=args.mask, sym=args.sym, eps=args.eps,
         seed=args.seed, threads=args.threads, initial_lowpass_angstrom=args.initial_lowpass,
+        **_memory_options(args),
     )
+
+
+def _memory_options(args) -> dict:
+    """Config fields of --memory-budget and --cache-dir."""
+    from mltomo.model import Config
+
+    if args.memory_budget is None:
+        return {"cache_dir": args.cache_dir}
+    budget = args.memory_budget * 1e9
+    return {"spectra_budget_bytes": budget, "memory_budget_bytes": int(min(Config.memory_budget_bytes, budget / 4)),
+            "cache_dir": args.cache_dir}
 
 
 def check_args(args) -> None:
@@ -158,6 +177,9 @@ def check_args(args) -> None:
     positive("--angular-range", args.angular_range)
     positive("--xi0", args.xi0, allow_none=False)
     positive("--fix-sigma", args.fix_sigma)
+    positive("--memory-budget", args.memory_budget)
+    need(args.cache_dir is None or Path(args.cache_dir).is_dir(), "--cache-dir", args.cache_dir,
+         "is not an existing directory")
     positive("--initial-lowpass", args.initial_lowpass)
     positive("--max-resolution", args.max_resolution)
     positive("--particle-diameter", args.particle_diameter)

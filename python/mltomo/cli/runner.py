@@ -120,7 +120,8 @@ def _refine(comm, star, out, config, refs, continue_dir, iterations, threads, pr
         comm.check(err)
     particles = read_particles(star, missing=config.missing, weight_threshold=config.weight_threshold,
                                weight_layout=config.weight_layout, weight_kind=config.weight_kind,
-                               tomograms=config.tomograms, comm=comm)
+                               tomograms=config.tomograms, comm=comm,
+                               memory_budget_bytes=config.spectra_budget_bytes, cache_dir=config.cache_dir)
     if particles.n_total < config.n_classes:
         raise ValueError(f"{star}: {particles.n_total} particles for {config.n_classes} classes")
     init = None
