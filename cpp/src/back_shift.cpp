@@ -7,22 +7,17 @@
 #include <stdexcept>
 #include <string>
 
+#include "simd8.hpp"
+
 namespace mltomo {
 namespace {
 
 constexpr double kTwoPi = 6.283185307179586476925286766559;
 constexpr int kMaxLevels = 256;  // z-shift levels a call can track (2 mz + 1)
 
-typedef float v8 __attribute__((vector_size(32)));
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define MLTOMO_INLINE inline __attribute__((always_inline))
-
-MLTOMO_INLINE v8 load(const float* p) {
-  v8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-MLTOMO_INLINE void store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+using simd8::load;
+using simd8::store;
+using simd8::v8;
 typedef float v4 __attribute__((vector_size(16)));
 typedef double v4d __attribute__((vector_size(32)));
 // p[0..8) += v, in double.

@@ -95,34 +95,6 @@ inline void corner_weights(const Corner& c, double w[8], std::int64_t off[8]) {
 }
 }  // namespace
 
-void scatter(const cdouble* values, const double* weights, double full_weight, const PaddedGeometry& g,
-             const double R[9], const WorkingSet& ws, cdouble* accS, double* accM, double* accF) {
-  const std::size_t J = ws.size();
-  for (std::size_t j = 0; j < J; ++j) {
-    const double sf = ws.scatter_factor[j];
-    if (sf == 0) continue;
-    const Corner c = locate(g, R, ws.kx[j], ws.ky[j], ws.kz[j]);
-    double w[8];
-    std::int64_t off[8];
-    corner_weights(c, w, off);
-    if (values && accS) {
-      cdouble v = values[j];
-      if (c.conj) v = std::conj(v);
-      v *= sf;
-      for (int q = 0; q < 8; ++q) accS[c.base + off[q]] += w[q] * v;
-    }
-    if (weights && accM) {
-      const double m = sf * weights[j];
-      if (m != 0)
-        for (int q = 0; q < 8; ++q) accM[c.base + off[q]] += w[q] * m;
-    }
-    if (accF && full_weight != 0) {
-      const double m = sf * full_weight;
-      for (int q = 0; q < 8; ++q) accF[c.base + off[q]] += w[q] * m;
-    }
-  }
-}
-
 void scatter_interleaved(const cdouble* values, const double* weights, double full_weight, const PaddedGeometry& g,
                          const double R[9], const WorkingSet& ws, double* acc) {
   const std::size_t J = ws.size();
@@ -209,9 +181,15 @@ void rotate_back(const cfloat* values, const float* weights, int n, double radiu
     vals[j] = values[ws.index[j]];
     wts[j] = weights[ws.index[j]];
   }
-  std::vector<cdouble> s_tmp(g.half_size(), cdouble(0, 0));
-  std::vector<double> m_tmp(g.half_size(), 0.0), f_tmp(Mfull ? g.half_size() : 0, 0.0);
-  scatter(vals.data(), wts.data(), full_weight, g, R, ws, s_tmp.data(), m_tmp.data(), Mfull ? f_tmp.data() : nullptr);
+  std::vector<double> acc(4 * g.half_size(), 0.0);
+  scatter_interleaved(vals.data(), wts.data(), full_weight, g, R, ws, acc.data());
+  std::vector<cdouble> s_tmp(g.half_size());
+  std::vector<double> m_tmp(g.half_size()), f_tmp(Mfull ? g.half_size() : 0);
+  for (std::size_t q = 0; q < g.half_size(); ++q) {
+    s_tmp[q] = cdouble(acc[4 * q], acc[4 * q + 1]);
+    m_tmp[q] = acc[4 * q + 2];
+    if (Mfull) f_tmp[q] = acc[4 * q + 3];
+  }
   fold_x0_plane(g, s_tmp.data(), m_tmp.data());
   if (Mfull) fold_x0_plane(g, f_tmp.data());
   for (std::size_t q = 0; q < g.half_size(); ++q) {

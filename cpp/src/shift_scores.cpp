@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "simd8.hpp"
+
 namespace mltomo {
 namespace {
 
@@ -16,19 +18,9 @@ constexpr int kL = ShiftScorer::kLanes, kV = ShiftScorer::kVec;
 // with bench/bench_kernel.py against the system FFTW).
 constexpr double kFftCostPerPoint = 0.4;
 
-// Eight floats; GCC and Clang lower the arithmetic to whatever SIMD the target has. The helpers
-// are always inlined, so each clone of the stages (AVX2 + FMA, or the baseline) gets its own
-// code; the note that passing a v8 without AVX changes the ABI does not apply to them.
-typedef float v8 __attribute__((vector_size(32)));
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define MLTOMO_INLINE inline __attribute__((always_inline))
-
-MLTOMO_INLINE v8 load(const float* p) {
-  v8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-MLTOMO_INLINE void store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+using simd8::load;
+using simd8::store;
+using simd8::v8;
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);

@@ -90,6 +90,8 @@ def initial_references(particles, sampling: Sampling, config: Config, comm) -> n
         w = masks[particles.groups[j]]
         R = np.ascontiguousarray(rots[j], dtype=np.float64)
         _core.rotate_back(np.ascontiguousarray(spectra[j] * w), w, geo.pad, R, geo.radius, S[k], M[k], F[k])
+        if j % spectra_cache.RELEASE_ROWS == spectra_cache.RELEASE_ROWS - 1:
+            spectra_cache.release(spectra, slice(j + 1 - spectra_cache.RELEASE_ROWS, j + 1))
     W = np.bincount(subset, minlength=K).astype(np.float64)
     comm.allreduce_sum([S, M, F, W])
     sums = Sums(W, S, M, F, np.zeros(2))

@@ -28,15 +28,12 @@ struct PaddedGeometry {
 // out[j] = reference at pad * R^T k_j for every component j of `ws` (R row-major 3x3).
 void gather(const cfloat* grid, const PaddedGeometry& g, const double R[9], const WorkingSet& ws, cfloat* out);
 
-// Adjoint of gather (with WorkingSet::scatter_factor), before the x = 0 fold:
-// accS[nbr] += w_nbr * values[j] (conjugated where p was mirrored), accM[nbr] += w_nbr *
-// weights[j] and accF[nbr] += w_nbr * full_weight (the weight a fully observed particle would
-// leave: the M-step's per-grid-point count of observations). Any of them may be null.
-void scatter(const cdouble* values, const double* weights, double full_weight, const PaddedGeometry& g,
-             const double R[9], const WorkingSet& ws, cdouble* accS, double* accM, double* accF);
-
-// The same into one interleaved accumulator, four doubles per grid point (S real, S imaginary,
-// M, Mfull): one cache line per neighbour pair instead of three.
+// Adjoint of gather (with WorkingSet::scatter_factor), before the x = 0 fold, into one
+// interleaved accumulator of four doubles per grid point (S real, S imaginary, M, Mfull; one
+// cache line per neighbour pair instead of three): S[nbr] += w_nbr * values[j] (conjugated where
+// p was mirrored), M[nbr] += w_nbr * weights[j] and Mfull[nbr] += w_nbr * full_weight (the
+// weight a fully observed particle would leave: the M-step's per-grid-point count of
+// observations).
 void scatter_interleaved(const cdouble* values, const double* weights, double full_weight, const PaddedGeometry& g,
                          const double R[9], const WorkingSet& ws, double* acc);
 
