@@ -108,7 +108,7 @@ def _start(particles, config: Config, sampling: Sampling, constraints: Constrain
     from the data, constrained; σ² from the data (or fixed), ξ² = ξ0², α uniform."""
     n, voxel, K = particles.box, particles.voxel_size_angstrom, config.n_classes
     if refs is None:
-        refs_now = initial_references(particles, sampling, config, comm)
+        refs_now = initial_references(particles, sampling, config, comm, spectra_w)
     else:
         refs_now = np.asarray(refs, dtype=np.float64)
         if refs_now.shape != (K, n, n, n):

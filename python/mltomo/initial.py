@@ -32,12 +32,15 @@ def uses_prior_classes(particles, config: Config, comm) -> bool:
     return comm.sum(0.0 if ok else 1.0) == 0.0
 
 
-def _starting_poses(particles, sampling: Sampling, config: Config, comm):
+def _starting_poses(particles, sampling: Sampling, config: Config, comm, spectra_w=None):
     """``(subset (N,) 0-based, rotations (N, 3, 3), working-box spectra with known shifts
     undone, reference-free)`` of this process's particles for :func:`initial_references`;
-    reference-free: neither prior classes nor fixed poses, so the rotations are random."""
-    spectra = spectra_cache.cropped(particles.spectra, sampling.crop, sampling.n_w, config.spectra_budget_bytes,
-                                    config.cache_dir)
+    reference-free: neither prior classes nor fixed poses, so the rotations are random.
+    ``spectra_w``: the particles already cropped to the working box (else cropped here)."""
+    spectra = spectra_w
+    if spectra is None:
+        spectra = spectra_cache.cropped(particles.spectra, sampling.crop, sampling.n_w, config.spectra_budget_bytes,
+                                        config.cache_dir)
     local = np.asarray(particles.indices)
     prior_classes = uses_prior_classes(particles, config, comm)
     fixed_poses = (config.no_rotate or config.no_align) and particles.prior_angles is not None
@@ -55,7 +58,7 @@ def _starting_poses(particles, sampling: Sampling, config: Config, comm):
     return subset, rots, spectra, not (prior_classes or fixed_poses)
 
 
-def initial_references(particles, sampling: Sampling, config: Config, comm) -> np.ndarray:
+def initial_references(particles, sampling: Sampling, config: Config, comm, spectra_w=None) -> np.ndarray:
     """Starting references without ``--ref``, weighted averages (threshold τ) of the particles,
     low-passed (``--initial-lowpass``, default 8 voxels: a random-orientation average holds no
     signal beyond the lowest frequencies, and its noise there would decide the first
@@ -72,12 +75,15 @@ def initial_references(particles, sampling: Sampling, config: Config, comm) -> n
       aligns every random subset to one reference, and the classes share one frame (from K
       different blobs the subsets align to K unrelated frames, and at iteration 2 the class
       whose frame fits best takes every particle).
+
+    ``spectra_w``: the particles' spectra on the working box, if the caller has them (a run's
+    cropped cache is not made twice).
     """
     from mltomo import _core
 
     K = config.n_classes
     geo = sampling
-    subset, rots, spectra, reference_free = _starting_poses(particles, geo, config, comm)
+    subset, rots, spectra, reference_free = _starting_poses(particles, geo, config, comm, spectra_w)
     common = config.scheme == "adaptive" and reference_free
     if common:
         subset = np.zeros_like(subset)
