@@ -10,7 +10,6 @@ namespace {
 // kept_p), and its totals.
 struct MapShare {
   double pkr = 0, pd2 = 0, pt2 = 0;
-  int nkept = 0;
 };
 
 }  // namespace
@@ -60,7 +59,7 @@ void EStepPlan::weighted_sums(EStepRun& run) {
     if (cc_mode) {
       th.kept_t.push_back(c.cc_t);
       th.kept_p.push_back(1.0);
-      return MapShare{1, d.x_norm + c.cc_s, t2_[c.cc_t], 1};
+      return MapShare{1, d.x_norm + c.cc_s, t2_[c.cc_t]};
     }
     const double Lmax = c.run_best, thr = Lmax + log_prune;
     const float* L = &c.maps[static_cast<std::size_t>(cand) * T];
@@ -73,7 +72,6 @@ void EStepPlan::weighted_sums(EStepRun& run) {
       const double s = 2.0 * s_.sigma2 * ((class_prior(run.batch, i, k) + s_.log_prior_shift[t] - c.offset) - L[t]);
       m.pd2 += p * (d.x_norm + s);
       m.pt2 += p * t2_[t];
-      ++m.nkept;
     }
     return m;
   };

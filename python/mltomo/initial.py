@@ -96,8 +96,7 @@ def initial_references(particles, sampling: Sampling, config: Config, comm, spec
         w = masks[particles.groups[j]]
         R = np.ascontiguousarray(rots[j], dtype=np.float64)
         _core.rotate_back(np.ascontiguousarray(spectra[j] * w), w, geo.pad, R, geo.radius, S[k], M[k], F[k])
-        if j % spectra_cache.RELEASE_ROWS == spectra_cache.RELEASE_ROWS - 1:
-            spectra_cache.release(spectra, slice(j + 1 - spectra_cache.RELEASE_ROWS, j + 1))
+        spectra_cache.after_row(spectra, j)
     W = np.bincount(subset, minlength=K).astype(np.float64)
     comm.allreduce_sum([S, M, F, W])
     sums = Sums(W, S, M, F, np.zeros(2))
@@ -118,8 +117,7 @@ def initial_sigma2(spectra_w, masks_w, groups, sampling: Sampling, comm) -> floa
     for j in range(len(spectra_w)):
         w = masks_w[groups[j]]
         num += float(np.sum(hw_w * w * np.abs(spectra_w[j]) ** 2))
-        if j % spectra_cache.RELEASE_ROWS == spectra_cache.RELEASE_ROWS - 1:
-            spectra_cache.release(spectra_w, slice(j + 1 - spectra_cache.RELEASE_ROWS, j + 1))
+        spectra_cache.after_row(spectra_w, j)
         den += float(np.sum(hw_w * (w > 0)))
     num, den = comm.sum(num), comm.sum(den)
     return num / max(den, 1.0)

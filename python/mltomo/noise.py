@@ -182,8 +182,7 @@ def map_shell_sums(spectra_w, masks_w, groups, results, Fref, sampling, voxel_si
         pred = _core.rotate_forward(Fref[classes[i]], sampling.pad, np.ascontiguousarray(R[i]), n_w,
                                     sampling.radius).ravel()
         x = sampling.apply_shifts(np.asarray(spectra_w[i : i + 1]), shifts[i : i + 1])[0].ravel()  # one at a time
-        if i % spectra_cache.RELEASE_ROWS == spectra_cache.RELEASE_ROWS - 1:
-            spectra_cache.release(spectra_w, slice(i + 1 - spectra_cache.RELEASE_ROWS, i + 1))
+        spectra_cache.after_row(spectra_w, i)
         hwi = hw * masks_w[g].ravel()
         a[q] += np.bincount(shells, hwi * (x.conj() * pred).real, S)
         b[q] += np.bincount(shells, hwi * np.abs(pred) ** 2, S)

@@ -291,8 +291,7 @@ def _read_block(df, a, b, star_dir, missing, weighting, tomo_regions, voxel, com
             labels.append(label)
             spectra[i - a] = spectrum
             names.append(name)
-            if (i - a) % spectra_cache.RELEASE_ROWS == spectra_cache.RELEASE_ROWS - 1:
-                spectra_cache.release(spectra, slice(i - a + 1 - spectra_cache.RELEASE_ROWS, i - a + 1))
+            spectra_cache.after_row(spectra, i - a)
         if spectra is not None:
             spectra_cache.release(spectra, slice(None))
     except (ParticleTableError, OSError, ValueError) as exc:

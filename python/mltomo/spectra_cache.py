@@ -76,6 +76,13 @@ def release(a, rows) -> None:
         base._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
+def after_row(a, i: int) -> None:
+    """In a loop over the rows of ``a``, after row ``i``: release the last :data:`RELEASE_ROWS`
+    rows when ``i`` completes a block of them (a no-op for an in-memory array)."""
+    if i % RELEASE_ROWS == RELEASE_ROWS - 1:
+        release(a, slice(i + 1 - RELEASE_ROWS, i + 1))
+
+
 def _base(a):
     return a.base_array if isinstance(a, Rows) else a
 

@@ -74,8 +74,7 @@ def residuals(spectra_w, masks_w, groups, angles, shifts_voxels, sampling, filt,
         M[...] = 0
         m = masks_w[groups[j]]
         x = sampling.apply_shifts(np.asarray(spectra_w[j : j + 1]), np.asarray(shifts_voxels)[j : j + 1])[0]
-        if j % spectra_cache.RELEASE_ROWS == spectra_cache.RELEASE_ROWS - 1:
-            spectra_cache.release(spectra_w, slice(j + 1 - spectra_cache.RELEASE_ROWS, j + 1))
+        spectra_cache.after_row(spectra_w, j)
         _core.rotate_back(np.ascontiguousarray(x * m, dtype=np.complex64),
                           np.ascontiguousarray(m, dtype=np.float32), sampling.pad,
                           np.ascontiguousarray(R[j]), sampling.radius, S, M)
