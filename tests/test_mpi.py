@@ -152,16 +152,23 @@ def grouped_dataset(tmp_path_factory):
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("case", ["white", "shell-noise-two-scales", "search-auto"])
+@pytest.mark.parametrize("case", ["white", "shell-noise-two-scales", "search-auto", "cached-shell-noise"])
 def test_two_ranks_agree_with_one(dataset, grouped_dataset, tmp_path, case):
     """Serial and two ranks agree; also with σ²(shell) and a scale per optics group, the second
-    group held by rank 1 alone (its label and sums must reach rank 0), and with ``--search auto``
-    (its decision sums over ranks; the search narrows after iteration 6 here)."""
+    group held by rank 1 alone (its label and sums must reach rank 0), with ``--search auto``
+    (its decision sums over ranks; the search narrows after iteration 6 here), and with each
+    rank streaming its particles from its own memory-mapped cache (``--memory-budget``; the
+    scales divided out block by block)."""
     options = list(REFINE)
+    mpi_options = []
     iterations = 3
-    if case == "shell-noise-two-scales":
+    cache = tmp_path / "cache"
+    if case in ("shell-noise-two-scales", "cached-shell-noise"):
         dataset = grouped_dataset
         options += ["--noise", "shell"]
+    if case == "cached-shell-noise":
+        cache.mkdir()
+        mpi_options = ["--memory-budget", "1e-6", "--cache-dir", cache]
     if case == "search-auto":
         iterations = 9
         options[options.index("--iter") + 1] = str(iterations)
@@ -173,7 +180,7 @@ def test_two_ranks_agree_with_one(dataset, grouped_dataset, tmp_path, case):
     assert report == {"rc": 0, "mpi4py": False}, "a serial run must not import mpi4py"
 
     rc, out2, err2 = run(mpiexec(2, sys.executable, "-m", "mltomo", "refine", dataset, "--out", tmp_path / "mpi",
-                                   *options), tmp_path)
+                                   *options, *mpi_options), tmp_path)
     assert rc == 0, err2
     # Only rank 0 logs (and writes): one line per iteration, not one per rank.
     assert sum(line.startswith("it   1 ") for line in (out2 + err2).splitlines()) == 1, out2 + err2
@@ -209,7 +216,10 @@ def test_two_ranks_agree_with_one(dataset, grouped_dataset, tmp_path, case):
         assert "local" in [r["search"] for r in _readrun(serial, iterations)]
     if case == "white":  # the default coarse-to-fine search: its coarse pass and audit span both ranks
         assert "coarse-to-fine" in [r["search"] for r in _readrun(serial, iterations)]
-    if case == "shell-noise-two-scales":  # the estimated scales and noise agree too, and the scales are not 1
+    if case == "cached-shell-noise":
+        assert "stream from memory-mapped caches" in out2 + err2, out2 + err2
+        assert list(cache.iterdir()) == []  # the ranks' caches were unlinked files
+    if case in ("shell-noise-two-scales", "cached-shell-noise"):  # scales and noise agree, and the scales are not 1
         from mltomo.io import read_star
 
         ga, gb = (read_star(d / "run_it003_model.star") for d in (serial, mpi))

@@ -23,7 +23,8 @@ def refine(particles, *, out=None, refs=None, comm=None, callback=None, **option
     if isinstance(particles, (str, os.PathLike)):
         particles = read_particles(particles, missing=config.missing, weight_threshold=config.weight_threshold,
                                    weight_layout=config.weight_layout, weight_kind=config.weight_kind,
-                               tomograms=config.tomograms, comm=comm)
+                                   tomograms=config.tomograms, comm=comm,
+                                   memory_budget_bytes=config.spectra_budget_bytes, cache_dir=config.cache_dir)
     focus = read_focus(config)
     check_inputs(particles, config, comm, focus=focus)
     if out is not None:

@@ -124,6 +124,7 @@ def _refine(comm, star, out, config, refs, continue_dir, iterations, threads, pr
                                memory_budget_bytes=config.spectra_budget_bytes, cache_dir=config.cache_dir)
     if particles.n_total < config.n_classes:
         raise ValueError(f"{star}: {particles.n_total} particles for {config.n_classes} classes")
+    _log_storage(particles, config, comm)
     init = None
     if refs:
         init = _read_refs(refs, config, particles)
@@ -148,3 +149,14 @@ def _refine(comm, star, out, config, refs, continue_dir, iterations, threads, pr
     factory = _Progress if (progress and comm.rank == 0) else None
     return run_em(particles, config, refs=init, focus=focus, comm=comm, out_dir=out if comm.rank == 0 else None,
                   start_model=start_model, start_results=start_results, progress=factory)
+
+
+def _log_storage(particles, config, comm) -> None:
+    """Say where the spectra are held when --memory-budget sent any rank's to a cache (collective)."""
+    from mltomo import spectra_cache
+
+    cached = comm.sum(float(particles.spectra.nbytes) if spectra_cache.is_cached(particles.spectra) else 0.0)
+    if cached and comm.rank == 0:
+        where = config.cache_dir or "the system's temporary directory"
+        log.info(f"{cached / 1e9:.3g} GB of spectra stream from memory-mapped caches in {where} "
+                 f"(--memory-budget {config.spectra_budget_bytes / 1e9:g} GB per process)")
