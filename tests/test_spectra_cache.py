@@ -38,6 +38,18 @@ def test_allocate_refuses_a_missing_directory(tmp_path):
         spectra_cache.allocate(5, 8, budget_bytes=1, cache_dir=tmp_path / "nope")
 
 
+def test_a_full_disk_is_one_error_naming_the_directory(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ValueError, match=f"{tmp_path}: cannot hold a .* GB spectra cache .No space left on device"):
+        spectra_cache.allocate(50, 16, budget_bytes=1, cache_dir=tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
 def test_derived_rows_equal_the_in_memory_arrays(tmp_path):
     rng = np.random.default_rng(1)
     n, N = 12, 7

@@ -18,7 +18,9 @@ particles at once.
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
 import tempfile
 from pathlib import Path
 
@@ -40,14 +42,26 @@ def allocate(n_rows: int, box: int, budget_bytes: float | None = None, cache_dir
     directory = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
     if not directory.is_dir():
         raise ValueError(f"{directory}: cache directory does not exist")
+    nbytes = spectra_nbytes(n_rows, box)
     fh = tempfile.TemporaryFile(dir=directory, prefix="mltomo_spectra_")  # unlinked at creation
     try:
+        _reserve(fh.fileno(), nbytes)  # a full disk fails here, not as SIGBUS on a later write
         return np.memmap(fh, dtype=np.complex64, mode="w+", shape=shape)
     except OSError as e:
-        raise ValueError(f"{directory}: cannot hold a {spectra_nbytes(n_rows, box) / 1e9:.1f} GB spectra cache "
+        raise ValueError(f"{directory}: cannot hold a {nbytes / 1e9:.3g} GB spectra cache "
                          f"({e.strerror or e})") from None
     finally:
         fh.close()  # the mapping keeps the (nameless) file
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Allocate the file's blocks now (where the file system can), so that running out of space
+    is an error here and not a SIGBUS when a mapped page is first written."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
 
 
 def is_cached(a) -> bool:
