@@ -156,7 +156,7 @@ def grouped_dataset(tmp_path_factory):
 def test_two_ranks_agree_with_one(dataset, grouped_dataset, tmp_path, case):
     """Serial and two ranks agree; also with σ²(shell) and a scale per optics group, the second
     group held by rank 1 alone (its label and sums must reach rank 0), with ``--search auto``
-    (its decision sums over ranks; the search narrows after iteration 6 here), and with each
+    (its decision sums over ranks; the search narrows after iteration 9 here), and with each
     rank streaming its particles from its own memory-mapped cache (``--memory-budget``; the
     scales divided out block by block)."""
     options = list(REFINE)
@@ -170,7 +170,7 @@ def test_two_ranks_agree_with_one(dataset, grouped_dataset, tmp_path, case):
         cache.mkdir()
         mpi_options = ["--memory-budget", "1e-6", "--cache-dir", cache]
     if case == "search-auto":
-        iterations = 9
+        iterations = 11
         options[options.index("--iter") + 1] = str(iterations)
         options += ["--search", "auto"]
     rc, out1, err1 = run([sys.executable, "-c", _SERIAL, "refine", dataset, "--out", tmp_path / "serial", *options],

@@ -134,3 +134,6 @@ def test_scheduled_run_gives_the_answer_of_every_shell(seed, tmp_path):
     gen = read_star(f"{iteration_prefix(tmp_path, cfg.iterations)}_model.star")["model_general"]
     value = gen["mltomoScoreRadius"].iloc[0] if hasattr(gen, "iloc") else gen["mltomoScoreRadius"]
     assert float(value) == pytest.approx(radii[-1])
+    # the default mask is recorded: a soft sphere (box - 2 voxels) across with the adaptive scheme
+    diameter = gen["mltomoMaskDiameterAngst"].iloc[0] if hasattr(gen, "iloc") else gen["mltomoMaskDiameterAngst"]
+    assert float(diameter) == pytest.approx((parts.box - 2) * parts.voxel_size_angstrom)

@@ -6,7 +6,7 @@ import pytest
 
 from mltomo.estep import estep
 from mltomo.fourier import rfft_unitary
-from mltomo.reference import crop_padded, padded_size, padded_transform
+from mltomo.reference import Constraints, crop_padded, padded_size, padded_transform, soft_sphere
 from mltomo.ssnr import (
     FSC_THRESHOLD,
     ShellStats,
@@ -127,13 +127,16 @@ def test_shell_stats_round_trip_fields():
     assert st.ssnr[1] == pytest.approx(2.0) and st.resolution_angstrom(4, 2.0) == 8.0
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_self_fit_is_J_over_W_and_the_offsets_remove_it(seed):
+@pytest.mark.parametrize("seed,masked", [(0, False), (1, False), (0, True), (1, True)])
+def test_self_fit_is_J_over_W_and_the_offsets_remove_it(seed, masked):
     """Pure-noise particles, two classes that are the averages of random halves of them: each
     particle prefers the class it is in by J/W nats on average (J its observed components, W
     the class size: E|n − A_own|² = σ²(1 − 1/W), E|n − A_other|² = σ²(1 + 1/W) per component),
     and the self-fit offsets bring that preference to zero. Averaged over 6 random splits (the
-    class averages' own noise moves one split's mean by ~√(2J)/W)."""
+    class averages' own noise moves one split's mean by ~√(2J)/W). With the class averages
+    masked by a soft sphere (``masked``) the preference is ``mean(m)·J/W`` and the offsets
+    scaled by :attr:`Constraints.noise_fraction` remove it (unscaled they over-correct by
+    ``1/mean(m)``, about 2× on this box)."""
     rng = np.random.default_rng(seed)
     n, N, sigma2, pad = 8, 100, 1.0, 1.0
     vols = rng.normal(scale=np.sqrt(sigma2), size=(N, n, n, n))
@@ -144,12 +147,16 @@ def test_self_fit_is_J_over_W_and_the_offsets_remove_it(seed):
     radius = n / 2 - 1
     J = effective_components(np.ones(n // 2 + 1), masks, radius)[0]
     P = padded_size(n, pad)
+    sphere = soft_sphere(n, n / 2 - 2, 2.0) if masked else None
+    fraction = Constraints(np.eye(3)[None], radius, pad, sphere).noise_fraction
+    assert fraction == pytest.approx(float(np.mean(sphere)) if masked else 1.0) and (fraction < 0.6) == masked
+    sphere = 1.0 if sphere is None else sphere
     plain, corrected, expect = [], [], []
     for _ in range(6):
         member = rng.permutation(N) % 2
         W = np.bincount(member).astype(float)
         # class averages of what each particle observes (weighted averages with one wedge)
-        refs_real = np.stack([vols[member == k].mean(0) for k in (0, 1)])
+        refs_real = np.stack([vols[member == k].mean(0) for k in (0, 1)]) * sphere
         F = np.stack([crop_padded(padded_transform(np.fft.fftshift(a), pad, gridding=False), P) for a in refs_real])
         F = (F * masks[0]).astype(np.complex64)  # nothing but noise outside the wedge either way
 
@@ -161,7 +168,8 @@ def test_self_fit_is_J_over_W_and_the_offsets_remove_it(seed):
             return np.where(sc.best_class == member, lo, -lo)
 
         plain.append(np.mean(preference(np.zeros(2))))
-        corrected.append(np.mean(preference(self_fit_offsets(np.eye(2)[member], groups, np.array([J]), W))))
-        expect.append(np.mean(J / W[member]))
+        offsets = fraction * self_fit_offsets(np.eye(2)[member], groups, np.array([J]), W)
+        corrected.append(np.mean(preference(offsets)))
+        expect.append(fraction * np.mean(J / W[member]))
     assert np.mean(plain) == pytest.approx(np.mean(expect), rel=0.15)
     assert abs(np.mean(corrected)) < 0.15 * np.mean(expect)

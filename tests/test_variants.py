@@ -618,7 +618,9 @@ def test_refine_help_states_every_default():
         "--noise": "default auto: shell for continuous weights",
         "--no-scale-correction": "default: both", "--tomograms": "default: the one its optimisation set names",
         "--mask": "default: none",
-        "--particle-diameter": "default: none", "--max-resolution": "default: full box", "--padding": "default 2",
+        "--particle-diameter": "default: box - 2 voxels with a soft edge outside when classifying, none with "
+                               "--classes 1 or --scheme paper; 0: no mask",
+        "--max-resolution": "default: full box", "--padding": "default 2",
         "--initial-lowpass": "default: none for --ref maps, 8 voxels", "--eps": "default 1e-5",
         "--seed": "default 0", "--threads": "default: all cores",
     }

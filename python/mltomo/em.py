@@ -47,7 +47,7 @@ from mltomo.mstep import MStepInputs, mstep
 from mltomo.narrowing import decide, local_range_deg
 from mltomo.noise import NoiseModel, estimate, map_shell_sums, noise_groups, scale_full_weights, warn_if_flat
 from mltomo.parallel import SerialComm
-from mltomo.reference import Constraints, lowpass, reference_transforms, soft_sphere
+from mltomo.reference import Constraints, lowpass, particle_diameter, reference_transforms, soft_sphere
 from mltomo.resolution import score_radius
 from mltomo.sampling import Sampling, rotation_grid, same_rotations_every_iteration, search_space
 from mltomo.split import one_class, pca_split, replicate
@@ -234,8 +234,12 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
                                       config.cache_dir)
     masks_w = sampling.crop(particles.masks).astype(np.float32)
     sphere = None
-    if config.particle_diameter_angstrom:
-        sphere = soft_sphere(particles.box, 0.5 * config.particle_diameter_angstrom / voxel)
+    diameter = particle_diameter(config, particles.box, voxel)
+    if diameter:
+        sphere = soft_sphere(particles.box, 0.5 * diameter / voxel)
+        if config.particle_diameter_angstrom is None and comm.rank == 0:
+            log.debug(f"references masked by a soft sphere of {diameter:g} Å (box - 2 voxels, the default; "
+                     "--particle-diameter sets it, 0 turns it off)")
     constraints = Constraints(group, sampling.radius, sampling.pad, sphere, focus)
     sum_observed = comm.sum(float(_observed_counts(particles, sampling).sum()))
     inputs = MStepInputs(N, sampling.J, N * sampling.J - sum_observed, sum_observed)
@@ -267,7 +271,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         work = one_class(model) if tied else model
         offsets = None
         if self_fit and not (tied or seeded) and results is not None:
-            offsets = _self_fit_offsets(model, results, particles, masks_w, sampling, N)
+            offsets = constraints.noise_fraction * _self_fit_offsets(model, results, particles, masks_w, sampling, N)
         masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
         Fref = _reference_transforms(work, sampling, config)  # the E-step's, and the noise estimate's
         r_score = score_radius(work, sampling, config, noise)

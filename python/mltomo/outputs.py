@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from mltomo.model import Config, Model, ParticleResults
+from mltomo.reference import particle_diameter
 
 
 def iteration_prefix(out_dir, it: int) -> Path:
@@ -127,6 +128,7 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         "mltomoSecondsIteration": repr(float(stats.seconds_total)),
     }
     general["mltomoScheme"] = config.scheme
+    general["mltomoMaskDiameterAngst"] = repr(float(particle_diameter(config, particles.box, voxel) or 0.0))
     classes = pd.DataFrame({
         "rlnReferenceImage": maps,
         "rlnClassDistribution": [repr(float(a)) for a in model.alpha],

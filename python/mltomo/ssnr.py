@@ -31,10 +31,16 @@ The scheme answers both with the data's own resolution measure:
    ``k`` (``P_ik`` its class posterior in the E-step that made the average), so the self-fit
    advantage is ``P_ik J_i^f/W_k`` nats with ``J_i^f = Σ_j w_ij f(s_j)`` over the working set
    (full spectrum). The E-step subtracts it: the class prior of particle ``i`` for class ``k``
-   is ``log α_k − P_ik J_i^f/W_k`` (a leave-one-out correction; twice the value over-corrects
+   is ``log α_k − μ P_ik J_i^f/W_k`` (a leave-one-out correction; twice the value over-corrects
    and splits classes at random; with the full correction on the MAP class only, a particle
    near the boundary is pushed out of whichever class it is in and changes class every
-   iteration).
+   iteration). ``μ = mean(m)`` is the fraction of the noise that the real-space masks on the
+   references (the soft sphere, a focused mask: their product ``m``) keep: masking convolves
+   the spectrum with ``F(m)``, so component ``j``'s noise stays in component ``j`` with weight
+   ``F(m)_0 = mean(m)`` (:attr:`mltomo.reference.Constraints.noise_fraction`; 1 without masks).
+   Without ``μ`` the correction over-corrects by ``1/μ`` (about 2× for RELION's default sphere
+   in a 24³ box) and fixed-pose classification from random subsets stays at chance (0.54
+   against 1.00, README tutorial data, SNR 0.03).
 
    The correction applies only when every iteration scores the particles at the rotations of
    the last (fixed poses, or an unperturbed grid). With the paper's perturbed grid the

@@ -100,7 +100,7 @@ def add_args(p):
     g.add_argument("--no-scale-correction", action="store_true",
                    help="do not bring --ref to the particles' intensity scale, nor estimate a scale per mask group (default: both)")
     g.add_argument("--max-resolution", type=float, metavar="A", help="work to this resolution in Å (crops the Fourier transform; default: full box)")
-    g.add_argument("--particle-diameter", type=float, metavar="A", help="soft spherical mask of this diameter on the references (default: none)")
+    g.add_argument("--particle-diameter", type=float, metavar="A", help="soft spherical mask of this diameter on the references (default: box - 2 voxels with a soft edge outside when classifying, none with --classes 1 or --scheme paper; 0: no mask)")
     g.add_argument("--mask", metavar="MRC", help="focused mask multiplied into the references (with --no-align: focused classification; default: none)")
     g.add_argument("--padding", type=float, default=2.0, help="Fourier padding factor of the references (default 2; 3 for particles that fill the box)")
     g = p.add_argument_group("run")
@@ -182,7 +182,9 @@ def check_args(args) -> None:
          "is not an existing directory")
     positive("--initial-lowpass", args.initial_lowpass)
     positive("--max-resolution", args.max_resolution)
-    positive("--particle-diameter", args.particle_diameter)
+    if args.particle_diameter is not None:  # 0 turns the default mask off
+        need(math.isfinite(args.particle_diameter) and args.particle_diameter >= 0, "--particle-diameter",
+             args.particle_diameter, "must be a non-negative number of Å (0: no mask)")
     positive("--eps", args.eps, allow_none=False)
     if args.max_shift is not None:
         need(math.isfinite(args.max_shift) and args.max_shift >= 0, "--max-shift", args.max_shift,
