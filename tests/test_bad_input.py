@@ -262,7 +262,8 @@ def test_output_directory_not_empty(data, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("option, value", [("--classes", "0"), ("--iter", "0"), ("--angular-sampling", "0"),
-                                           ("--angular-sampling", "-5"), ("--threads", "-1")])
+                                           ("--angular-sampling", "-5"), ("--threads", "-1"),
+                                           ("--particle-diameter", "-5"), ("--particle-diameter", "nan")])
 def test_nonsense_numbers(data, capsys, option, value):
     _refine_fails(capsys, data, [data / "particles.star", option, value], option)
 

@@ -116,3 +116,17 @@ def test_seeded_first_iteration_log_likelihood_includes_log_alpha():
                          np.zeros((1, 3), np.int32), np.zeros(1), log_alpha, start.sigma2, prune=0.0, nthreads=1)
         expect[i] = sc.log_sum[0] - np.log(len(rots)) - 0.5 * sc.n_observed[0] * np.log(2 * np.pi * start.sigma2)
     np.testing.assert_allclose(seen["ll"], expect, rtol=1e-5, atol=1e-3)
+
+
+def test_default_mask_only_when_classifying():
+    """The soft sphere of a classification is (box - 2 voxels) across; alignment alone (K = 1)
+    and the paper's scheme have none unless asked; --particle-diameter 0 turns it off."""
+    from mltomo.reference import particle_diameter
+
+    assert particle_diameter(Config(n_classes=2), 32, 8.0) == 240.0
+    assert particle_diameter(Config(n_classes=4), 24, 10.0) == 220.0
+    assert particle_diameter(Config(n_classes=1), 32, 8.0) is None
+    assert particle_diameter(Config(n_classes=2, scheme="paper"), 32, 8.0) is None
+    assert particle_diameter(Config(n_classes=2, particle_diameter_angstrom=0.0), 32, 8.0) is None
+    assert particle_diameter(Config(n_classes=1, particle_diameter_angstrom=180.0), 32, 8.0) == 180.0
+    assert particle_diameter(Config(n_classes=2, scheme="paper", particle_diameter_angstrom=180.0), 32, 8.0) == 180.0
