@@ -47,7 +47,14 @@ from mltomo.mstep import MStepInputs, mstep
 from mltomo.narrowing import decide, local_range_deg
 from mltomo.noise import NoiseModel, estimate, map_shell_sums, noise_groups, scale_full_weights, warn_if_flat
 from mltomo.parallel import SerialComm
-from mltomo.reference import Constraints, lowpass, particle_diameter, reference_transforms, soft_sphere
+from mltomo.reference import (
+    DEFAULT_MASK_MARGIN_VOXELS,
+    Constraints,
+    lowpass,
+    particle_diameter,
+    reference_transforms,
+    soft_sphere,
+)
 from mltomo.resolution import score_radius
 from mltomo.sampling import Sampling, rotation_grid, same_rotations_every_iteration, search_space
 from mltomo.split import one_class, pca_split, replicate
@@ -238,8 +245,9 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     if diameter:
         sphere = soft_sphere(particles.box, 0.5 * diameter / voxel)
         if config.particle_diameter_angstrom is None and comm.rank == 0:
-            log.debug(f"references masked by a soft sphere of {diameter:g} Å (box - 2 voxels, the default; "
-                     "--particle-diameter sets it, 0 turns it off)")
+            log.debug(f"references masked by a soft sphere of {diameter:g} Å "
+                      f"(box - {DEFAULT_MASK_MARGIN_VOXELS} voxels, the default; "
+                      "--particle-diameter sets it, 0 turns it off)")
     constraints = Constraints(group, sampling.radius, sampling.pad, sphere, focus)
     sum_observed = comm.sum(float(_observed_counts(particles, sampling).sum()))
     inputs = MStepInputs(N, sampling.J, N * sampling.J - sum_observed, sum_observed)

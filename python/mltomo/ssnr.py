@@ -38,8 +38,8 @@ The scheme answers both with the data's own resolution measure:
    references (the soft sphere, a focused mask: their product ``m``) keep: masking convolves
    the spectrum with ``F(m)``, so component ``j``'s noise stays in component ``j`` with weight
    ``F(m)_0 = mean(m)`` (:attr:`mltomo.reference.Constraints.noise_fraction`; 1 without masks).
-   Without ``μ`` the correction over-corrects by ``1/μ`` (about 2× for RELION's default sphere
-   in a 24³ box) and fixed-pose classification from random subsets stays at chance (0.54
+   Without ``μ`` the correction over-corrects by ``1/μ`` (1.7× for the default sphere of a
+   24³ box, ``μ`` = 0.58) and fixed-pose classification from random subsets stays at chance (0.54
    against 1.00, README tutorial data, SNR 0.03).
 
    The correction applies only when every iteration scores the particles at the rotations of
