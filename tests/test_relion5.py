@@ -304,6 +304,24 @@ def test_each_rank_reads_its_own_block(tmp_path):
     assert mine.names == whole.names[3:] and mine.region_labels == whole.region_labels[3:]
 
 
+def test_a_memory_budget_streams_pseudo_subtomograms_to_a_cache(tmp_path):
+    """Past ``--memory-budget`` the pseudo-subtomograms go to a memory-mapped cache as they are
+    built, with the same values as in memory, and no file is left in the cache directory."""
+    from mltomo import spectra_cache
+
+    part = np.array(matrix_to_euler(random_rotations(5, np.random.default_rng(3)))).T
+    opt = write_dataset(tmp_path / "data", general_tilts(5), np.zeros((5, 3)), part, n=8)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    held = read_particles(opt)
+    streamed = read_particles(opt, memory_budget_bytes=1.0, cache_dir=cache)
+    assert spectra_cache.is_cached(streamed.spectra) and not spectra_cache.is_cached(held.spectra)
+    np.testing.assert_array_equal(streamed.spectra, held.spectra)
+    np.testing.assert_array_equal(streamed.masks, held.masks)
+    assert held.masks.max() == 1.0  # normalised to the largest weight
+    assert list(cache.iterdir()) == []
+
+
 def test_refinement_writes_relative_poses_that_read_back(tmp_path):
     """A local refinement from table poses 12° off the truth returns poses near the truth
     relative to the subtomogram rotation (RELION 5's rlnAngle*), keeps rlnTomoSubtomogram*

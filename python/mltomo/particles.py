@@ -137,7 +137,9 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
     if is_optimisation_set(blocks) or is_stack_table(blocks):
         from mltomo.io import relion5
 
-        return _normalised_weights(relion5.read_stack_particles(path, blocks, tomograms=tomograms, comm=comm), comm)
+        return _normalised_weights(relion5.read_stack_particles(path, blocks, tomograms=tomograms, comm=comm,
+                                                                memory_budget_bytes=memory_budget_bytes,
+                                                                cache_dir=cache_dir), comm)
     df, table_name = _read_table(path, blocks, comm)
     star_dir = image_dir(path)
     optics = blocks.get("optics")
@@ -197,14 +199,13 @@ def read_particles(star_path, *, missing: str = "none", weight_threshold: float 
 
 def _normalised_weights(particles: Particles, comm) -> Particles:
     """The particles with their weights divided by the largest of all particles' (all ranks):
-    ``w ≤ 1``, as the imputation M-step needs; the common factor goes into σ²."""
-    from dataclasses import replace
-
+    ``w ≤ 1``, as the imputation M-step needs; the common factor goes into σ². In place: the
+    weights are this reader's own array, and a copy would hold them twice."""
     local = float(np.max(particles.masks)) if particles.masks.size else 0.0
     top = max(comm.bcast(comm.gather(local)))
-    if not top > 0:
-        return particles
-    return replace(particles, masks=(particles.masks / top).astype(np.float32))
+    if top > 0:
+        np.divide(particles.masks, np.float32(top), out=particles.masks)
+    return particles
 
 
 def _other_blocks(blocks: dict, table_name: str) -> tuple:

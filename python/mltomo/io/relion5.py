@@ -512,11 +512,18 @@ def _collective(comm, error: str | None) -> None:
     comm.check(error)
 
 
-def read_stack_particles(path, blocks: dict, *, tomograms=None, comm=None):
+def read_stack_particles(path, blocks: dict, *, tomograms=None, comm=None, memory_budget_bytes: float | None = None,
+                         cache_dir=None):
     """This rank's block of the 2D tilt-stack particles named by ``path`` (an optimisation set
     or a particle table with ``rlnTomoSubTomosAre2DStacks 1``, read as ``blocks``) as
     :class:`~mltomo.model.Particles`: pseudo-subtomograms ``X`` and one weight ``W`` per
-    particle (module docstring). Errors are one line, on every rank."""
+    particle (module docstring). Errors are one line, on every rank.
+
+    Each particle is written into its row as it is built, never held twice: the spectra go to a
+    memory-mapped cache in ``cache_dir`` when they exceed ``memory_budget_bytes``
+    (:func:`mltomo.spectra_cache.allocate`); the weights stay in memory (half the spectra's size).
+    """
+    from mltomo import spectra_cache
     from mltomo.model import Particles
     from mltomo.parallel import SerialComm, split_range
     from mltomo.particles import _other_blocks
@@ -530,33 +537,42 @@ def read_stack_particles(path, blocks: dict, *, tomograms=None, comm=None):
     _collective(comm, error)
     N = len(df)
     a, b = split_range(N, comm.rank, comm.size)
-    spectra, weights, pixels = [], [], []
+    spectra = weights = None  # (b - a, box, box, box//2+1), allocated with the first particle's box
+    pixel0 = None
     try:
         for i in range(a, b):
             X, W, pixel = particle_spectrum(df.iloc[i], ctx)
-            if spectra and X.shape != spectra[0].shape:
+            if spectra is None:
+                spectra = spectra_cache.allocate(b - a, X.shape[0], memory_budget_bytes, cache_dir)
+                weights = np.empty(spectra.shape, np.float32)
+                pixel0 = pixel
+            elif X.shape != spectra.shape[1:]:
                 raise ParticleTableError(f"{df['rlnImageName'].iloc[i]}: box {X.shape[0]} differs from the "
-                                         f"first particle's {spectra[0].shape[0]}")
-            spectra.append(X)
-            weights.append(W)
-            pixels.append(pixel)
+                                         f"first particle's {spectra.shape[1]}")
+            spectra[i - a] = X
+            weights[i - a] = W
+            spectra_cache.after_row(spectra, i - a)
+        if spectra is not None:
+            spectra_cache.release(spectra, slice(None))
     except (ParticleTableError, OSError, ValueError) as exc:
         error = str(exc)
     _collective(comm, error)
-    info = comm.bcast(comm.gather((spectra[0].shape[0] if spectra else None, pixels[0] if pixels else None)))
+    info = comm.bcast(comm.gather((spectra.shape[1] if spectra is not None else None, pixel0)))
     boxes = sorted({bx for bx, _ in info if bx is not None})
     _collective(comm, f"{ctx.particles_path}: particles have different box sizes {boxes}" if len(boxes) > 1 else None)
     box = boxes[0]
     voxel = next(v for _, v in info if v)
+    if spectra is None:
+        spectra = np.empty((0, box, box, box // 2 + 1), np.complex64)
+        weights = np.empty(spectra.shape, np.float32)
 
     def cols(names):
         return df[list(names)].to_numpy(np.float64)[a:b] if set(names) <= ctx.columns else None
 
-    empty = np.empty((0, box, box, box // 2 + 1))
     names = tuple(str(v) for v in df["rlnImageName"].iloc[a:b])
     return Particles(
-        spectra=np.stack(spectra) if spectra else empty.astype(np.complex64),
-        masks=np.stack(weights) if weights else empty.astype(np.float32),
+        spectra=spectra,
+        masks=weights,
         groups=np.arange(b - a, dtype=np.int32),
         region_labels=tuple(f"tilts:{nm}" for nm in names),
         voxel_size_angstrom=float(voxel), names=names, indices=np.arange(a, b), n_total=N, table=df,
