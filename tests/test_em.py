@@ -130,3 +130,52 @@ def test_default_mask_only_when_classifying():
     assert particle_diameter(Config(n_classes=2, particle_diameter_angstrom=0.0), 32, 8.0) is None
     assert particle_diameter(Config(n_classes=1, particle_diameter_angstrom=180.0), 32, 8.0) == 180.0
     assert particle_diameter(Config(n_classes=2, scheme="paper", particle_diameter_angstrom=180.0), 32, 8.0) == 180.0
+
+
+def test_shift_range_is_three_xi_unless_given():
+    """Without --max-shift the cube searched is ±min(n/4, max(1, ⌈3ξ⌉)) voxels of the current ξ,
+    every vector within it once, the zero shift first; --max-shift and --no-align fix it."""
+    from mltomo.sampling import Sampling
+
+    s = Sampling.create(32, 8.0, Config())  # ξ0 = 2: ±6
+    for xi2, m in ((4.0, 6), (0.25, 2), (1e-6, 1), (1.0, 3), (1.0001, 4), (9.0, 8), (100.0, 8)):
+        t = s.for_xi(Config(), xi2).shifts
+        r = np.arange(-m, m + 1)
+        cube = {(x, y, z) for x in r for y in r for z in r}
+        assert {tuple(v) for v in t} == cube and len(t) == len(cube), (xi2, m)
+        assert tuple(t[0]) == (0, 0, 0) and np.all(np.diff((t.astype(np.int64) ** 2).sum(1)) >= 0)
+    half = Sampling.create(32, 8.0, Config(max_resolution_angstrom=32.0))  # 18³ working box: steps of 16/9 voxel
+    assert half.n_w == 18 and half.for_xi(Config(max_resolution_angstrom=32.0), 1.0).max_shift_w == 1  # ⌊3·9/16⌋
+    fixed = Sampling.create(32, 8.0, Config(max_shift_voxels=3))
+    assert fixed.max_shift_w == 3 and fixed.for_xi(Config(max_shift_voxels=3), 100.0) is fixed
+    assert Sampling.create(32, 8.0, Config(no_align=True)).for_xi(Config(no_align=True), 9.0).max_shift_w == 0
+
+
+def test_shift_range_follows_xi_both_ways(tmp_path):
+    """Started too wide (ξ0 = 2 on shifts of one voxel) the range shrinks to ⌈3ξ⌉ as ξ is
+    estimated; started too narrow (ξ0 = 0.3: ±1 on shifts of up to 3 voxels) it widens until the
+    true shifts are inside. Both recover every shift, and the model file records the range."""
+    from mltomo.geometry import euler_to_matrix
+    from mltomo.io.star import read_star
+    from mltomo.outputs import iteration_prefix
+
+    rng = np.random.default_rng(5)
+    n = 16
+    refs = np.stack([blobs(n, rng)])
+    rots = cube_rotations()
+    for true_max, xi0, first, last_at_least in ((1, 2.0, 4, 2), (3, 0.3, 1, 3)):
+        parts, _, ridx, shifts = make_particles(refs, rots, 30, 0.4, rng, max_shift=true_max)
+        cfg = Config(n_classes=1, iterations=5, rotations=rots, padding=1.0, gridding=False, reg0=0,
+                     xi0_voxels=xi0, perturb=False, threads=2, eps=0)
+        out = tmp_path / f"run{true_max}"
+        out.mkdir()
+        res = run_em(parts, cfg, refs=refs, out_dir=out)
+        ranges = [round(s.n_shifts ** (1 / 3)) // 2 for s in res.history]  # T = (2m + 1)³
+        assert ranges[0] == first, ranges
+        assert ranges[-1] >= last_at_least and ranges[-1] != first, ranges
+        gen = read_star(f"{iteration_prefix(out, 5)}_model.star")["model_general"]
+        value = gen["mltomoMaxShiftVoxels"].iloc[0] if hasattr(gen, "iloc") else gen["mltomoMaxShiftVoxels"]
+        assert float(value) == ranges[-1]
+        R = euler_to_matrix(*res.particles.angles.T)
+        assert all(np.allclose(R[i], rots[ridx[i]], atol=1e-6) for i in range(30))
+        assert np.array_equal(np.round(res.particles.shifts_angstrom / 10.0).astype(int), shifts)

@@ -268,6 +268,11 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     results = start_results
     for it in range(model.iteration + 1, config.iterations + 1):
         t_start = time.perf_counter()
+        it_sampling = sampling.for_xi(config, model.xi2_voxels)  # the shift range follows ξ
+        if it_sampling.max_shift_w != sampling.max_shift_w and comm.rank == 0:
+            log.info(f"iteration {it}: shifts searched to ±{it_sampling.max_shift_w * it_sampling.scale:g} voxels "
+                     f"(3ξ, ξ = {math.sqrt(model.xi2_voxels):.2f} voxels; --max-shift fixes the range)")
+        sampling = it_sampling
         local = bool(model.search_local) and config.search == "auto" and results is not None
         it_config = replace(config, angular_range_deg=local_range_deg(config)) if local else config
         rotations, rot_mask, pre_shift = search_space(it_config, it, group, particles, results)

@@ -59,7 +59,7 @@ class Config:
     perturb: bool = True
     no_rotate: bool = False
     no_align: bool = False
-    max_shift_voxels: float | None = None  # default min(n/4, ceil(3 ξ0))
+    max_shift_voxels: float | None = None  # default min(n/4, max(1, ceil(3 ξ))) of each iteration's ξ
     xi0_voxels: float = 2.0
     missing: str = "none"  # default region for particles the table gives none
     weight_threshold: float | None = None  # binarise weight volumes at this value (None: continuous weights)

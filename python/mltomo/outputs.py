@@ -124,6 +124,7 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         "mltomoNextCoarseWindow": repr(float(model.coarse_window)),
         "mltomoCoarseSkip": int(model.coarse_skip),
         "mltomoTranslations": stats.n_shifts,
+        "mltomoMaxShiftVoxels": repr(float(geo.max_shift_w * geo.scale)),
         "mltomoPrunedFraction": repr(float(stats.pruned_fraction)),
         "mltomoSecondsIteration": repr(float(stats.seconds_total)),
     }

@@ -10,7 +10,7 @@ fixed poses of ``--no-rotate``/``--no-align``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -53,25 +53,26 @@ class Sampling:
         pad = float(config.padding)
         scale = n / n_w
         ws = _core.working_set(n_w, radius)
-        if config.no_align:
-            max_shift_w = 0
-        else:
-            ms = config.max_shift_voxels
-            if ms is None:
-                ms = min(n / 4.0, math.ceil(3.0 * config.xi0_voxels))
-            max_shift_w = int(math.floor(ms / scale + 1e-9))
-            max_shift_w = min(max_shift_w, n_w // 2 - 1)
-        r = np.arange(-max_shift_w, max_shift_w + 1)
-        tz, ty, tx = np.meshgrid(r, r, r, indexing="ij")
-        t = np.stack([tx.ravel(), ty.ravel(), tz.ravel()], 1)  # every component within ±max_shift
-        order = np.lexsort((t[:, 0], t[:, 1], t[:, 2], (t**2).sum(1)))
-        shifts = np.ascontiguousarray(t[order], dtype=np.int32)  # (T, 3) x, y, z, 0 first
+        max_shift_w = 0 if config.no_align else _max_shift_w(config, n, n_w, config.xi0_voxels**2)
+        shifts = _shift_cube(max_shift_w)
         return cls(
             n=n, voxel_size=voxel_size, radius=radius, n_w=n_w, pad=pad, P=padded_size(n, pad),
             P_w=padded_size(n_w, pad), scale=scale, J=float(ws["hweight"].sum()), ws_index=ws["index"],
             ws_hweight=ws["hweight"].astype(np.float64), max_shift_w=max_shift_w, shifts=shifts,
             t2=(shifts.astype(np.float64) ** 2).sum(1),
         )
+
+    def for_xi(self, config: Config, xi2_voxels: float) -> Sampling:
+        """This sampling with the shift range an iteration whose prior width is ``ξ`` searches:
+        ``--max-shift`` when given, else ``min(n/4, max(1, ⌈3ξ⌉))`` voxels (:func:`max_shift_voxels`),
+        so the range follows ξ as the M-step re-estimates it. Everything else is unchanged."""
+        if config.no_align:
+            return self
+        m = _max_shift_w(config, self.n, self.n_w, xi2_voxels)
+        if m == self.max_shift_w:
+            return self
+        shifts = _shift_cube(m)
+        return replace(self, max_shift_w=m, shifts=shifts, t2=(shifts.astype(np.float64) ** 2).sum(1))
 
     def log_prior_shift(self, xi2_voxels: float) -> np.ndarray:
         """``(T,)`` log of the normalised Gaussian prior of the shifts (ξ² in original voxels²)."""
@@ -102,6 +103,30 @@ class Sampling:
             ph = np.exp(2j * np.pi * (kx * t[0] + ky * t[1] + kz * t[2]) / n_w)
             out[i] = spectra_w[i] * ph
         return out
+
+
+def max_shift_voxels(config: Config, n: int, xi2_voxels: float) -> float:
+    """The largest shift component searched, in voxels of the box: ``--max-shift`` when given,
+    else ``min(n/4, max(1, ⌈3ξ⌉))`` for the current prior width ``ξ`` (``ξ0`` at the start)."""
+    if config.max_shift_voxels is not None:
+        return float(config.max_shift_voxels)
+    xi = math.sqrt(max(float(xi2_voxels), 0.0))
+    return min(n / 4.0, max(1.0, math.ceil(3.0 * xi - 1e-9)))
+
+
+def _max_shift_w(config: Config, n: int, n_w: int, xi2_voxels: float) -> int:
+    """:func:`max_shift_voxels` in working voxels (whole steps of ``n/n_w``), below ``n_w/2``."""
+    m = int(math.floor(max_shift_voxels(config, n, xi2_voxels) * n_w / n + 1e-9))
+    return min(m, n_w // 2 - 1)
+
+
+def _shift_cube(m: int) -> np.ndarray:
+    """``(T, 3)`` int32 x, y, z: every vector with components within ±m, by |t|², zero first."""
+    r = np.arange(-m, m + 1)
+    tz, ty, tx = np.meshgrid(r, r, r, indexing="ij")
+    t = np.stack([tx.ravel(), ty.ravel(), tz.ravel()], 1)
+    order = np.lexsort((t[:, 0], t[:, 1], t[:, 2], (t**2).sum(1)))
+    return np.ascontiguousarray(t[order], dtype=np.int32)
 
 
 def same_rotations_every_iteration(config: Config) -> bool:
