@@ -192,3 +192,20 @@ def test_log_normaliser_is_the_shells_log_noise_over_observed_components():
     want = [-0.5 * np.sum(hw * (sampling.crop(masks)[g] > 0) * np.log(noise.shape[0][shells])) for g in groups]
     assert got == pytest.approx(want, rel=1e-9)
     assert np.all(NoiseModel.white(("a",), n).log_normaliser(masks, sampling, ng) == 0)
+
+
+@pytest.mark.parametrize("max_post, n_sig, flat", [(5e-4, 5000, True), (5e-3, 5000, False), (5e-4, 500, False)])
+def test_flat_posteriors_warn_once_with_the_likely_causes(caplog, max_post, n_sig, flat):
+    """The median particle's largest posterior under 1e-3 with over 1000 samples kept warns,
+    naming the intensity scale; a peaked posterior, or few samples, does not."""
+    import logging
+    from types import SimpleNamespace
+
+    from mltomo.noise import warn_if_flat
+
+    rng = np.random.default_rng(0)
+    scores = SimpleNamespace(max_post=max_post * rng.uniform(0.5, 1.5, 51), n_significant=np.full(51, n_sig))
+    with caplog.at_level(logging.WARNING, logger="mltomo"):
+        assert warn_if_flat(scores, SerialComm(), 1e5, 1) is flat
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert ("posteriors are flat" in text and "intensity scale" in text) is flat, text

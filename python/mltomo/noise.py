@@ -235,5 +235,6 @@ def warn_if_flat(scores, comm, n_samples: float, iteration: int) -> bool:
             flat = True
             log.warning(f"iteration {iteration}: the posteriors are flat (median max posterior {np.median(mp):.1e}, "
                         f"median {np.median(ns):.0f} significant samples of {n_samples:.0f} a particle): "
-                        f"the reference may be on another intensity scale than the particles, or far from them")
+                        f"the reference may be on another intensity scale than the particles or far from them, "
+                        f"or the particles too noisy for this search")
     return bool(comm.bcast(flat))
