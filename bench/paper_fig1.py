@@ -1,7 +1,7 @@
 """Figure 1 of Scheres et al. (2009), rerun: the model calculations on simulated GroEL14 and
 GroEL14-GroES7 subtomograms, panels A-F.
 
-    python bench/paper_fig1.py --quick          # about 70 min on 2 cores
+    python bench/paper_fig1.py --quick          # about 1.5 h on 2 cores
     python bench/paper_fig1.py                  # the paper's protocol (about 2 days on 2 cores)
     python bench/paper_fig1.py --panels A,F --snrs 0.005,0.01 --seeds 3 --out my_fig1
     python bench/paper_fig1.py --quick --plot-only   # redraw from runs.json
@@ -88,7 +88,7 @@ class Protocol:
 PROTOCOLS = {
     # The paper's: 15° sampling, 40 iterations, the whole 32³ box, 5 runs per point.
     "full": Protocol(),
-    # About 70 min on 2 cores (estimated from its runs' seconds): the paper's 15° sampling and whole
+    # About 1.5 h on 2 cores (estimated from its runs' seconds): the paper's 15° sampling and whole
     # box with 25 iterations instead of 40, 3 SNRs, 3 seeds. The SNRs are about 3x the paper's: see
     # the README for why our threshold sits there. (Until 2026-12 it was 30°, 16 iterations and the
     # E-step to 35 Å with shifts to ±4 voxels, 22 min with the paper's scheme; that search cannot
@@ -375,7 +375,7 @@ def plot(runs: list[dict], p: Protocol, path: Path, title: str) -> None:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--quick", action="store_true", help="the quick protocol (about 70 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="the quick protocol (about 1.5 h on 2 cores)")
     ap.add_argument("--panels", default="A,B,C,D,E,F", help="which panels (default A,B,C,D,E,F)")
     ap.add_argument("--out", help="output directory (default bench/out/paper_fig1[_quick])")
     ap.add_argument("--data-dir", help="folder with models/1oel.pdb.gz and models/1aon.pdb.gz (default ../shared/data)")
