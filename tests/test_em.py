@@ -146,6 +146,7 @@ def test_shift_range_is_three_xi_unless_given():
         assert tuple(t[0]) == (0, 0, 0) and np.all(np.diff((t.astype(np.int64) ** 2).sum(1)) >= 0)
     half = Sampling.create(32, 8.0, Config(max_resolution_angstrom=32.0))  # 18³ working box: steps of 16/9 voxel
     assert half.n_w == 18 and half.for_xi(Config(max_resolution_angstrom=32.0), 1.0).max_shift_w == 1  # ⌊3·9/16⌋
+    assert half.for_xi(Config(max_resolution_angstrom=32.0), 0.01).max_shift_w == 1  # ±1 voxel is < 1 step: kept at 1
     fixed = Sampling.create(32, 8.0, Config(max_shift_voxels=3))
     assert fixed.max_shift_w == 3 and fixed.for_xi(Config(max_shift_voxels=3), 100.0) is fixed
     assert Sampling.create(32, 8.0, Config(no_align=True)).for_xi(Config(no_align=True), 9.0).max_shift_w == 0

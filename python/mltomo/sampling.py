@@ -115,8 +115,12 @@ def max_shift_voxels(config: Config, n: int, xi2_voxels: float) -> float:
 
 
 def _max_shift_w(config: Config, n: int, n_w: int, xi2_voxels: float) -> int:
-    """:func:`max_shift_voxels` in working voxels (whole steps of ``n/n_w``), below ``n_w/2``."""
+    """:func:`max_shift_voxels` in working voxels (whole steps of ``n/n_w``), below ``n_w/2``.
+    The range that follows ξ keeps at least one step: with none, ξ would be estimated as 0 and
+    the search could never widen again."""
     m = int(math.floor(max_shift_voxels(config, n, xi2_voxels) * n_w / n + 1e-9))
+    if config.max_shift_voxels is None:
+        m = max(m, 1)
     return min(m, n_w // 2 - 1)
 
 
