@@ -76,7 +76,7 @@ def add_args(p):
     g.add_argument("--no-perturb", action="store_true", help="do not re-orient the rotation grid randomly every iteration (default: re-oriented, as in the paper's runs)")
     g.add_argument("--no-rotate", action="store_true", help="keep each particle's rotation; search shifts and classes only (default: off)")
     g.add_argument("--no-align", action="store_true", help="keep rotations and shifts (classification only, paper Fig. 1E; default: off)")
-    g.add_argument("--max-shift", type=float, metavar="VOX", help="largest shift searched, in voxels (default: min(n/4, ceil(3 xi)) "
+    g.add_argument("--max-shift", type=float, metavar="VOX", help="largest shift searched, in voxels (default: min(n/4, max(1, ceil(3 xi))) "
                    "for each iteration's xi, so it follows the estimate)")
     g.add_argument("--xi0", type=float, default=2.0, help="initial translation prior width xi in voxels (default 2)")
     g = p.add_argument_group("data")
