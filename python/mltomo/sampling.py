@@ -42,7 +42,6 @@ class Sampling:
     ws_hweight: np.ndarray  # (J_half,) float64 full-spectrum multiplicity
     max_shift_w: int  # largest shift component, working voxels
     shifts: np.ndarray  # (T, 3) int32 x, y, z working voxels, zero shift first
-    t2: np.ndarray  # (T,) float64 |t|²
 
     @classmethod
     def create(cls, n: int, voxel_size: float, config: Config) -> Sampling:
@@ -53,26 +52,24 @@ class Sampling:
         pad = float(config.padding)
         scale = n / n_w
         ws = _core.working_set(n_w, radius)
-        max_shift_w = 0 if config.no_align else _max_shift_w(config, n, n_w, config.xi0_voxels**2)
-        shifts = _shift_cube(max_shift_w)
-        return cls(
+        unshifted = cls(
             n=n, voxel_size=voxel_size, radius=radius, n_w=n_w, pad=pad, P=padded_size(n, pad),
             P_w=padded_size(n_w, pad), scale=scale, J=float(ws["hweight"].sum()), ws_index=ws["index"],
-            ws_hweight=ws["hweight"].astype(np.float64), max_shift_w=max_shift_w, shifts=shifts,
-            t2=(shifts.astype(np.float64) ** 2).sum(1),
+            ws_hweight=ws["hweight"].astype(np.float64), max_shift_w=0, shifts=_shift_cube(0),
         )
+        return unshifted.for_xi(config, config.xi0_voxels**2)
 
     def for_xi(self, config: Config, xi2_voxels: float) -> Sampling:
-        """This sampling with the shift range an iteration whose prior width is ``ξ`` searches:
-        ``--max-shift`` when given, else ``min(n/4, max(1, ⌈3ξ⌉))`` voxels (:func:`max_shift_voxels`),
-        so the range follows ξ as the M-step re-estimates it. Everything else is unchanged."""
-        if config.no_align:
-            return self
-        m = _max_shift_w(config, self.n, self.n_w, xi2_voxels)
-        if m == self.max_shift_w:
-            return self
-        shifts = _shift_cube(m)
-        return replace(self, max_shift_w=m, shifts=shifts, t2=(shifts.astype(np.float64) ** 2).sum(1))
+        """This sampling with the shift range an iteration whose prior width is ``ξ`` searches
+        (:func:`_max_shift_w`; none with ``--no-align``), so the range follows ξ as the M-step
+        re-estimates it. Everything else is unchanged."""
+        m = 0 if config.no_align else _max_shift_w(config, self.n, self.n_w, xi2_voxels)
+        return self if m == self.max_shift_w else replace(self, max_shift_w=m, shifts=_shift_cube(m))
+
+    @property
+    def t2(self) -> np.ndarray:
+        """``(T,)`` float64 |t|² of the shifts, working voxels²."""
+        return (self.shifts.astype(np.float64) ** 2).sum(1)
 
     def log_prior_shift(self, xi2_voxels: float) -> np.ndarray:
         """``(T,)`` log of the normalised Gaussian prior of the shifts (ξ² in original voxels²)."""
@@ -105,22 +102,16 @@ class Sampling:
         return out
 
 
-def max_shift_voxels(config: Config, n: int, xi2_voxels: float) -> float:
-    """The largest shift component searched, in voxels of the box: ``--max-shift`` when given,
-    else ``min(n/4, max(1, ⌈3ξ⌉))`` for the current prior width ``ξ`` (``ξ0`` at the start)."""
-    if config.max_shift_voxels is not None:
-        return float(config.max_shift_voxels)
-    xi = math.sqrt(max(float(xi2_voxels), 0.0))
-    return min(n / 4.0, max(1.0, math.ceil(3.0 * xi - 1e-9)))
-
-
 def _max_shift_w(config: Config, n: int, n_w: int, xi2_voxels: float) -> int:
-    """:func:`max_shift_voxels` in working voxels (whole steps of ``n/n_w``), below ``n_w/2``.
-    The range that follows ξ keeps at least one step: with none, ξ would be estimated as 0 and
-    the search could never widen again."""
-    m = int(math.floor(max_shift_voxels(config, n, xi2_voxels) * n_w / n + 1e-9))
-    if config.max_shift_voxels is None:
-        m = max(m, 1)
+    """The largest shift component searched, in working voxels (whole steps of ``n/n_w``, below
+    ``n_w/2``): ``--max-shift`` when given, else ``min(n/4, ⌈3ξ⌉)`` voxels for the current prior
+    width ``ξ`` (``ξ0`` at the start) and at least one step: with none, ξ would be estimated as 0
+    and the search could never widen again."""
+    if config.max_shift_voxels is not None:
+        m = int(math.floor(config.max_shift_voxels * n_w / n + 1e-9))
+    else:
+        xi = math.sqrt(max(float(xi2_voxels), 0.0))
+        m = max(1, int(math.floor(min(n / 4.0, math.ceil(3.0 * xi - 1e-9)) * n_w / n + 1e-9)))
     return min(m, n_w // 2 - 1)
 
 
