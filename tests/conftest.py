@@ -20,7 +20,16 @@ import pytest
 
 from mltomo.model import Particles
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+def _shared_data() -> Path:
+    """``$MLTOMO_DATA``, else ``../shared/data`` beside the checkout, else the workplace's copy
+    (a clone elsewhere, e.g. in a temporary directory, still runs the data tests)."""
+    candidates = [Path(os.environ["MLTOMO_DATA"])] if os.environ.get("MLTOMO_DATA") else []
+    candidates += [Path(__file__).resolve().parents[1].parent / "shared" / "data", Path("/work/shared/data")]
+    return next((c for c in candidates if (c / "models").is_dir()), candidates[0])
+
+
+DATA = _shared_data()
 needs_data = pytest.mark.skipif(
     not (DATA / "models").is_dir(), reason=f"shared data not found at {DATA} (PDB 1OEL/1AON)"
 )

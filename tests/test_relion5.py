@@ -21,11 +21,11 @@ from mltomo.io import relion5
 from mltomo.io.star import read_star, write_star
 from mltomo.particles import ParticleTableError, read_particles
 
+from conftest import DATA
+
 PIXEL = 10.0
 BLOBS = np.array([[0.0, 0.0, 0.0, 1.0], [3.0, 1.0, -1.0, 0.8], [-2.0, 2.5, 1.0, 0.6], [1.0, -3.0, 2.5, 0.5]])
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "relion5_stacks"
-if not REAL.is_dir():
-    REAL = Path("/work/shared/data/relion5_stacks")
+REAL = DATA / "relion5_stacks"
 REAL_STEM = "warptools_test_4-tomos_10-ptcls_box-32_angpix-12"
 
 
