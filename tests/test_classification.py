@@ -14,7 +14,7 @@ from mltomo.model import Config
 from mltomo.particles import particles_from_arrays
 from mltomo.simulate import builtin_phantoms, simulate
 
-from conftest import needs_data
+from conftest import DATA, needs_data
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,7 @@ def test_three_classes_on_two_class_data_give_two_pure_groups(caplog):
     seed: 0/54/46)."""
     from mltomo.phantoms import groel_models
 
-    sim = simulate(groel_models(), 100, 32, 7.5, 20.0, snr=0.05, missing_region="wedge_y:-60:60",
+    sim = simulate(groel_models(DATA), 100, 32, 7.5, 20.0, snr=0.05, missing_region="wedge_y:-60:60",
                    max_shift_voxels=3, preferred_orientation="moderate", seed=1)
     parts = particles_from_arrays(sim.volumes, sim.voxel_size, sim.missing_region)
     with caplog.at_level("WARNING", logger="mltomo"):
