@@ -126,7 +126,7 @@ def test_a_coarse_pass_that_keeps_most_rotations_is_skipped_then_retried(tmp_pat
     the coarse pass is tried again."""
     sim, parts = _blobs(5, n_particles=40)
     cfg = Config(n_classes=1, iterations=coarse.SKIP_ITERATIONS + 2, angular_sampling_deg=15.0, seed=5,
-                 max_shift_voxels=2, eps=0.0)
+                 max_shift_voxels=2, eps=0.0, auto_stop="off")
     res = run_em(parts, cfg, out_dir=tmp_path)
     searches = [h.search for h in res.history]
     assert searches[0] == "coarse-to-fine" and res.history[0].rotations_searched > 0.5 * res.history[0].n_rotations

@@ -167,7 +167,7 @@ def test_shift_range_follows_xi_both_ways(tmp_path):
     for true_max, xi0, first, last_at_least in ((1, 2.0, 4, 2), (3, 0.3, 1, 3)):
         parts, _, ridx, shifts = make_particles(refs, rots, 30, 0.4, rng, max_shift=true_max)
         cfg = Config(n_classes=1, iterations=5, rotations=rots, padding=1.0, gridding=False, reg0=0,
-                     xi0_voxels=xi0, perturb=False, threads=2, eps=0)
+                     xi0_voxels=xi0, perturb=False, threads=2, eps=0, auto_stop="off")
         out = tmp_path / f"run{true_max}"
         out.mkdir()
         res = run_em(parts, cfg, refs=refs, out_dir=out)

@@ -11,6 +11,7 @@ import pytest
 from mltomo import geometry
 from mltomo.cli import main
 from mltomo.io import read_star, read_volume, write_volume
+from mltomo.outputs import last_complete_iteration
 
 from conftest import DATA
 
@@ -52,10 +53,15 @@ def test_local_search_around_the_table_poses(tmp_path):
 @needs_stacks
 @pytest.mark.slow
 def test_global_search_recovers_the_table_poses(tmp_path):
-    """The issue's command (global search, 10°; ``--noise auto`` is ``shell`` for tilt stacks),
-    two iterations: median error ≤ 15° (measured 10.7° and 12.8° after iterations 1 and 2 (10.8° with ±6 voxels), 12.5°
-    after 2 with white noise); the particles' intensities are ~80× the map's, which the
-    reference-scale pass absorbs."""
-    run = _refine(tmp_path, "--angular-sampling", "10", "--iter", "2")
-    e = _errors(run, 2)
+    """The issue's command as it is (global search, 10°, the default --iter 25; ``--noise auto`` is
+    ``shell`` for tilt stacks): the single-class refinement stops at convergence (after iteration
+    3 here, measured 10.7°; 12.0°, 12.4°, 11.4° with seeds 1–3) and its last iteration's median
+    error is ≤ 15°. Run on to 25 iterations (``--auto-stop off``) the poses drift to 19.7° (README,
+    "From RELION 5"). The particles' intensities are ~80× the map's, which the reference-scale
+    pass absorbs."""
+    run = _refine(tmp_path, "--angular-sampling", "10")
+    last = last_complete_iteration(run)
+    assert 2 <= last < 25, last  # it stopped at convergence
+    assert read_star(run / f"run_it{last:03d}_model.star")["model_general"]["mltomoConverged"] == 1
+    e = _errors(run, last)
     assert np.median(e) <= 15.0, np.sort(e).round(1)

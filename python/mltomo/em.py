@@ -32,7 +32,7 @@ from dataclasses import replace
 import numpy as np
 
 from mltomo import coarse as coarse_search
-from mltomo import geometry, spectra_cache
+from mltomo import convergence, geometry, spectra_cache
 from mltomo.estep import KERNELS, estep
 from mltomo.initial import (
     estep_seeded,
@@ -80,6 +80,7 @@ def check_inputs(particles, config: Config, comm=None, *, focus=None) -> None:
         raise ValueError(f"unknown search {config.search!r}: use global or auto")
     if not config.coarse_window > 0:
         raise ValueError(f"coarse_window must be positive (nats), got {config.coarse_window}")
+    convergence.applies(config)  # raises for an unknown --auto-stop
     if config.kernel not in KERNELS:
         raise ValueError(f"unknown E-step kernel {config.kernel!r}: use {', '.join(KERNELS)}")
     geometry.symmetry_group(config.sym)
@@ -255,6 +256,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     if model is None:
         model = _start(particles, config, sampling, constraints, refs, spectra_w, masks_w, comm)
     adaptive = config.scheme == "adaptive"
+    auto_stop, track_convergence = convergence.applies(config), convergence.tracked(config)
     self_fit = adaptive and config.mode != "cc" and same_rotations_every_iteration(config)
     tied_until, seeds, seed_it = _schedule(particles, config, refs, start_model, start_results, comm)
     halves = half_sets(config.seed, N)[np.asarray(particles.indices)] if adaptive else None
@@ -277,6 +279,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         it_config = replace(config, angular_range_deg=local_range_deg(config)) if local else config
         rotations, rot_mask, pre_shift = search_space(it_config, it, group, particles, results)
         prev_results, prev_ll, prev_noise = results, model.log_likelihood, model.search_noise
+        prev_gain = (model.best_resolution_shell, model.iterations_without_gain)
         data_w = spectra_w if pre_shift is None else spectra_cache.shifted(spectra_w, sampling.apply_shifts, pre_shift)
         bar = progress(len(particles), f"iteration {it}") if progress else None
         tied = it <= tied_until
@@ -342,6 +345,10 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         model = replace(model, noise=noise, search_local=decision.local, search_noise=decision.noise,
                         coarse_window=next_window if coarse is not None else model.coarse_window,
                         coarse_skip=skip)
+        stop = None
+        if track_convergence:
+            model, stop = convergence.step(model, prev_gain, prev_results, results, config, group, N, comm,
+                                           eligible=free)
         if it == tied_until:  # the first split: the next E-step keeps every particle in its part
             masks_e, groups_e = noise.masks(masks_w, sampling.n_w, particles.groups, ngroups)
             seeds, model, results = _first_split(model, results, particles, noise.data(spectra_w, ngroups), masks_e,
@@ -362,11 +369,16 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
             coarse_rotations=coarse.n_coarse if coarse is not None else 0,
             coarse_window=window if coarse is not None else float("nan"), coarse_missed=missed,
             score_radius=float(sampling.radius if r_score is None else r_score),
+            converged=stop is not None,
         )
         history.append(stats)
         _write(comm, results, out_dir, model, particles, config, sampling, stats)
         if callback is not None:
             callback(stats, model, results)
+        if stop and auto_stop:
+            if comm.rank == 0:
+                log.info(f"iteration {it}: {stop}")
+            break
         if config.eps and it > 1 and np.all(model.changes < config.eps):
             log.info(f"converged: every class changed by less than eps={config.eps:g}")
             break

@@ -84,6 +84,7 @@ class Config:
     mask: str | None = None
     sym: str = "C1"
     eps: float = 1e-5
+    auto_stop: str = "auto"  # stop at convergence (mltomo.convergence): "on", "off", or "auto" (on for one class)
     seed: int = 0
     threads: int = 0
     initial_lowpass_angstrom: float | None = None
@@ -118,6 +119,8 @@ class Model:
     search_noise: float = 0.0  # ... until the log-likelihood falls by more than this
     coarse_window: float = 0.0  # the next coarse-to-fine iteration's window, nats (0: the configured one)
     coarse_skip: int = 0  # iterations left that search every rotation (the coarse pass kept most of them)
+    best_resolution_shell: int = 0  # the highest FSC-0.143 shell reached so far (mltomo.convergence)
+    iterations_without_gain: int = 0  # iterations since the resolution last improved on it
 
     def weights(self, n_particles: int) -> np.ndarray:
         """``(K,)`` W_k, the summed class posteriors behind the references."""
@@ -162,6 +165,7 @@ class IterationStats:
     coarse_window: float = float("nan")  # coarse-to-fine: the window used, nats
     coarse_missed: float = float("nan")  # coarse-to-fine: mean mass the audited particles' windows missed, nats
     score_radius: float = float("nan")  # the radius the E-step scored to (index units; mltomo.resolution)
+    converged: bool = False  # the auto-stop rule held after this iteration (mltomo.convergence)
 
     @property
     def pruned_fraction(self) -> float:

@@ -123,6 +123,9 @@ def write_iteration(out_dir, model: Model, results: ParticleResults, particles, 
         "mltomoCoarseMissedNats": repr(float(stats.coarse_missed)),
         "mltomoNextCoarseWindow": repr(float(model.coarse_window)),
         "mltomoCoarseSkip": int(model.coarse_skip),
+        "mltomoBestResolutionShell": int(model.best_resolution_shell),
+        "mltomoIterationsWithoutGain": int(model.iterations_without_gain),
+        "mltomoConverged": int(bool(stats.converged)),
         "mltomoTranslations": stats.n_shifts,
         "mltomoMaxShiftVoxels": repr(float(geo.max_shift_w * geo.scale)),
         "mltomoPrunedFraction": repr(float(stats.pruned_fraction)),
@@ -274,6 +277,8 @@ def read_iteration(out_dir, it: int, particle_indices=None) -> tuple[Model, Part
         search_noise=float(gen.get("mltomoSearchNoise", 0.0)),
         coarse_window=float(gen.get("mltomoNextCoarseWindow", 0.0)),
         coarse_skip=int(gen.get("mltomoCoarseSkip", 0)),
+        best_resolution_shell=int(gen.get("mltomoBestResolutionShell", 0)),
+        iterations_without_gain=int(gen.get("mltomoIterationsWithoutGain", 0)),
     )
     df = read_star(f"{prefix}_data.star")["particles"]
     idx = np.arange(len(df)) if particle_indices is None else np.asarray(particle_indices)

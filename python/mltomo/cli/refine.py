@@ -106,6 +106,10 @@ def add_args(p):
     g.add_argument("--padding", type=float, default=2.0, help="Fourier padding factor of the references (default 2; 3 for particles that fill the box)")
     g = p.add_argument_group("run")
     g.add_argument("--eps", type=float, default=1e-5, help="stop when every class changes by less than this (relative; default 1e-5)")
+    g.add_argument("--auto-stop", choices=["auto", "on", "off"], default="auto",
+                   help="stop at convergence, as RELION's auto-refine: once the half-set resolution has not improved "
+                        "for 2 iterations and at most 5%% of the particles moved by more than 1.5 angular steps "
+                        "(--iter is then a ceiling); auto (default): on for --classes 1, off when classifying")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--threads", type=int, default=0, help="threads per process (default: all cores, or OMP_NUM_THREADS)")
     g.add_argument("--memory-budget", type=float, metavar="GB",
@@ -134,6 +138,7 @@ def config_from_args(args):
         reg0=args.reg0, regF=args.regF, reg_steps=args.reg_steps, fix_sigma=args.fix_sigma, fix_xi=args.fix_xi,
         fix_fractions=args.fix_fractions, max_resolution_angstrom=args.max_resolution, padding=args.padding,
         particle_diameter_angstrom=args.particle_diameter, mask=args.mask, sym=args.sym, eps=args.eps,
+        auto_stop=args.auto_stop,
         seed=args.seed, threads=args.threads, initial_lowpass_angstrom=args.initial_lowpass,
         **_memory_options(args),
     )
