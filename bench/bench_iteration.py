@@ -46,7 +46,8 @@ def main(argv=None):
     parts = particles_from_arrays(sim.volumes, sim.voxel_size, sim.missing_region)
     t_sim = time.perf_counter() - t0
     cfg = Config(n_classes=args.classes, iterations=args.iterations, angular_sampling_deg=args.sampling,
-                 max_shift_voxels=args.max_shift, threads=threads, seed=args.seed, eps=0)
+                 max_shift_voxels=args.max_shift, threads=threads, seed=args.seed, eps=0,
+                 auto_stop="off")
 
     def report(stats, model, results):
         n_w = args.box  # no resolution limit here: the working box is the box

@@ -53,7 +53,7 @@ def estep_per_iteration(args, threads: int) -> dict:
                    args.snr, missing_region=args.missing, max_shift_voxels=3, seed=0)
     parts = particles_from_arrays(sim.volumes, sim.voxel_size, sim.missing_region)
     cfg = Config(n_classes=args.classes, iterations=args.estep_iterations, angular_sampling_deg=args.sampling,
-                 max_shift_voxels=3, threads=threads, seed=0, eps=0)
+                 max_shift_voxels=3, threads=threads, seed=0, eps=0, auto_stop="off")
     keys = ("seconds_estep", "seconds_rotate", "seconds_score", "seconds_accumulate")
     out = {k: {"iterations": [{key: [] for key in keys} for _ in range(args.estep_iterations)],
                "maps_pruned_kernel": 0} for k in ("fft", "pruned")}

@@ -104,6 +104,7 @@ def main(argv=None):
     budget = args.budget * 1e9
     cfg = Config(n_classes=args.classes, iterations=args.iterations, angular_sampling_deg=args.sampling,
                  max_shift_voxels=3, missing="wedge_y:-60:60", threads=args.threads, seed=args.seed, eps=0.0,
+                 auto_stop="off",
                  max_resolution_angstrom=max_res, spectra_budget_bytes=budget,
                  memory_budget_bytes=int(min(Config.memory_budget_bytes, budget / 4)), cache_dir=args.cache_dir)
     t1 = time.perf_counter()

@@ -70,6 +70,7 @@ def run(name, kernel, iterations, sim, groups, args, threads, search="global", c
     parts = particles_from_arrays(sim.volumes, sim.voxel_size, sim.missing_region)
     cfg = Config(n_classes=args.classes, iterations=iterations, angular_sampling_deg=args.sampling,
                  max_shift_voxels=3, missing=sim.missing_region, threads=threads, seed=args.seed, eps=0.0,
+                 auto_stop="off",
                  scheme=args.scheme, search=search, kernel=kernel,
                  coarse_to_fine=coarse, resolution_schedule=schedule)
     t0 = time.perf_counter()

@@ -196,7 +196,7 @@ def execute(p: Protocol, run: Run, sim, groups, threads: int, comm) -> dict | No
     protocol_options.update(options)
     cfg = Config(n_classes=K, angular_sampling_deg=p.sampling,
                  max_shift_voxels=p.search_max_shift, max_resolution_angstrom=p.max_resolution,
-                 missing=p.missing, reg_steps=p.reg_steps, eps=0.0, seed=run.seed, scheme=p.scheme,
+                 missing=p.missing, reg_steps=p.reg_steps, eps=0.0, auto_stop="off", seed=run.seed, scheme=p.scheme,
                  threads=threads, **protocol_options)
     purity_path, ll_path = [], []
 
