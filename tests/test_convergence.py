@@ -89,12 +89,16 @@ def test_does_not_stop_while_poses_move(poses):
 
 
 def test_which_runs_stop():
-    assert convergence.applies(Config(n_classes=1))
-    assert not convergence.applies(Config(n_classes=2))  # classification keeps its --iter
-    assert convergence.applies(Config(n_classes=2, auto_stop="on"))
-    assert not convergence.applies(Config(n_classes=1, auto_stop="off"))
-    assert not convergence.applies(Config(n_classes=1, scheme="paper"))  # no resolution measure
-    assert not convergence.applies(Config(n_classes=1, no_align=True, auto_stop="on"))
+    def stops(given_refs=True, **kw):
+        return convergence.applies(convergence.resolve(Config(**kw), given_refs))
+
+    assert stops(n_classes=1)  # refinement from a reference: RELION's auto-refine
+    assert not stops(given_refs=False, n_classes=1)  # reference-free: keeps its --iter
+    assert not stops(n_classes=2)  # classification keeps its --iter
+    assert stops(given_refs=False, n_classes=2, auto_stop="on")
+    assert not stops(n_classes=1, auto_stop="off")
+    assert not stops(n_classes=1, scheme="paper")  # no resolution measure
+    assert not stops(n_classes=1, no_align=True, auto_stop="on")
     assert convergence.tracked(Config(n_classes=2)) and not convergence.tracked(Config(scheme="paper"))
     with pytest.raises(ValueError, match="auto-stop"):
         convergence.applies(Config(auto_stop="sometimes"))
@@ -138,3 +142,22 @@ def test_auto_stop_option_is_checked(tmp_path, capsys):
     code = e.value.code
     assert code == 2 and "--auto-stop" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_run_records_whether_it_stops(tmp_path):
+    """``auto`` is resolved when the run starts and written to run_config.json, so a continued
+    run (which reads no --ref) stops as the uninterrupted one does."""
+    import json
+
+    from mltomo.io import write_volume
+    from mltomo.simulate import write_dataset
+
+    sim = _cloud_set(1, n_particles=8)
+    star = str(write_dataset(sim, tmp_path / "data")["particles"])
+    write_volume(tmp_path / "ref.mrc", np.asarray(sim.references[0], dtype=np.float32), sim.voxel_size)
+    common = ["--classes", "1", "--iter", "1", "--angular-sampling", "40", "--max-shift", "1", "--threads", "1",
+              "--quiet"]
+    assert main(["refine", star, "--out", str(tmp_path / "a"), "--ref", str(tmp_path / "ref.mrc"), *common]) == 0
+    assert main(["refine", star, "--out", str(tmp_path / "b"), *common]) == 0
+    resolved = [json.loads((tmp_path / r / "run_config.json").read_text())["config"]["auto_stop"] for r in "ab"]
+    assert resolved == ["on", "off"]

@@ -234,6 +234,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
     comm = comm or SerialComm()
     check_inputs(particles, config, comm, focus=focus)
     config = _mode_for_weights(particles, config, comm)
+    config = convergence.resolve(config, given_refs=refs is not None)
     voxel = particles.voxel_size_angstrom
     sampling = Sampling.create(particles.box, voxel, config)
     group = geometry.symmetry_group(config.sym)

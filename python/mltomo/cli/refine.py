@@ -109,7 +109,7 @@ def add_args(p):
     g.add_argument("--auto-stop", choices=["auto", "on", "off"], default="auto",
                    help="stop at convergence, as RELION's auto-refine: once the half-set resolution has not improved "
                         "for 2 iterations and at most 5%% of the particles moved by more than 1.5 angular steps "
-                        "(--iter is then a ceiling); auto (default): on for --classes 1, off when classifying")
+                        "(--iter is then a ceiling); auto (default): on for --classes 1 with --ref, off for classification and reference-free runs")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--threads", type=int, default=0, help="threads per process (default: all cores, or OMP_NUM_THREADS)")
     g.add_argument("--memory-budget", type=float, metavar="GB",

@@ -104,6 +104,7 @@ def _continued_config(continue_dir, iterations, threads):
 
 
 def _refine(comm, star, out, config, refs, continue_dir, iterations, threads, progress):
+    from mltomo import convergence
     from mltomo.api import read_focus
     from mltomo.em import check_inputs, run_em
     from mltomo.outputs import last_complete_iteration, read_iteration, remove_incomplete, write_run_config
@@ -141,7 +142,9 @@ def _refine(comm, star, out, config, refs, continue_dir, iterations, threads, pr
         if last >= config.iterations:
             log.info(f"{out}: iteration {last} already done (--iter {config.iterations})")
             return None
-    elif comm.rank == 0:
+    else:
+        config = convergence.resolve(config, given_refs=bool(refs))  # recorded, so --continue stops alike
+    if not continue_dir and comm.rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
         write_run_config(out, str(Path(star).resolve()), config,
                          extra={"refs": [str(Path(r).resolve()) for r in refs] if refs else None})
