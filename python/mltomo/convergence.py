@@ -49,8 +49,6 @@ def resolve(config, given_refs: bool):
     reference-free run keeps its ``--iter``: its poses organise slowly from a featureless start
     and keep improving after the rule first holds (``bench/bench_autostop.py``: GroEL14 at SNR
     0.02, 8.0° when it first held at iteration 7 against 5.5° at 25)."""
-    from dataclasses import replace
-
     if config.auto_stop != "auto":
         return config
     return replace(config, auto_stop="on" if config.n_classes == 1 and given_refs else "off")

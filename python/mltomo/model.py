@@ -84,7 +84,8 @@ class Config:
     mask: str | None = None
     sym: str = "C1"
     eps: float = 1e-5
-    auto_stop: str = "auto"  # stop at convergence (mltomo.convergence): "on", "off", or "auto" (on for one class)
+    auto_stop: str = "auto"  # stop at convergence (mltomo.convergence): "on", "off", or "auto" (on for one class
+    # refined from given references: mltomo.convergence.resolve)
     seed: int = 0
     threads: int = 0
     initial_lowpass_angstrom: float | None = None
