@@ -136,7 +136,6 @@ def test_a_run_stops_where_the_rule_holds_and_continues_alike(tmp_path, seed):
 
 
 def test_auto_stop_option_is_checked(tmp_path, capsys):
-    code = None
     with pytest.raises(SystemExit) as e:
         main(["refine", str(tmp_path / "none.star"), "--out", str(tmp_path / "o"), "--auto-stop", "maybe"])
     code = e.value.code

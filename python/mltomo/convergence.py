@@ -18,7 +18,7 @@ rose above the best one reached, ``g_j``, and stops when
 
 where ``moved_j`` is the share of the particles whose best rotation moved by more than
 ``MOVED_STEPS`` angular steps since iteration ``j − 1`` (after taking out the map's common change
-of frame, :func:`mltomo.narrowing._moved`; the same measure ``--search auto`` narrows on). The
+of frame, :func:`mltomo.narrowing.moved_fraction`; the same measure ``--search auto`` narrows on). The
 first iteration is never a stop (no earlier poses), nor an iteration whose poses were not free
 (the tied and seeded iterations of a reference-free start). The count and the best shell are
 kept in the model (``mltomoBestResolutionShell``, ``mltomoIterationsWithoutGain``), so a run
@@ -28,8 +28,6 @@ continued after a kill stops where the uninterrupted one does.
 from __future__ import annotations
 
 from dataclasses import replace
-
-import numpy as np
 
 NO_GAIN_ITERATIONS = 2  # stop once the resolution has not improved for this many iterations ...
 MOVED_FRACTION = 0.05  # ... and at most this share of the particles moved their best rotation
@@ -68,7 +66,7 @@ def step(model, counts, prev, results, config, group, n_total: int, comm, eligib
     iterations without gain)`` (the M-step makes a new model); ``prev``, ``results``: this process's
     particles' poses in the previous and this iteration; ``eligible``: this iteration's poses
     were free (collective: every rank calls it)."""
-    from mltomo.narrowing import _moved
+    from mltomo.narrowing import moved_fraction
 
     shell = int(model.shells.resolution_shell) if model.shells is not None else 0
     best, without = counts
@@ -76,8 +74,7 @@ def step(model, counts, prev, results, config, group, n_total: int, comm, eligib
     model = replace(model, best_resolution_shell=max(shell, best), iterations_without_gain=0 if gained else without + 1)
     if prev is None or not eligible or model.iterations_without_gain < NO_GAIN_ITERATIONS:
         return model, None
-    d = _moved(prev, results, group, config.n_classes, comm)
-    moved = comm.sum(float(np.sum(d > MOVED_STEPS * float(config.angular_sampling_deg)))) / max(int(n_total), 1)
+    moved = moved_fraction(prev, results, group, config, n_total, comm, MOVED_STEPS)
     if moved > MOVED_FRACTION:
         return model, None
     return model, (f"converged: the resolution has not improved for {model.iterations_without_gain} iterations and "

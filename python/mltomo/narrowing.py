@@ -88,6 +88,15 @@ def _moved(prev, results, group, n_classes: int, comm) -> np.ndarray:
     return geometry.symmetry_min_distance_deg(R0q, R1, group if len(group) > 1 else None)
 
 
+def moved_fraction(prev, results, group, config, n_total: int, comm, steps: float) -> float:
+    """The share of all ``n_total`` particles whose best rotation moved by more than ``steps``
+    angular steps between ``prev`` and ``results`` (each class's common change of frame taken
+    out, :func:`_moved`; collective). ``--search auto`` narrows on it, ``--auto-stop``
+    (:mod:`mltomo.convergence`) stops on it."""
+    d = _moved(prev, results, group, config.n_classes, comm)
+    return comm.sum(float(np.sum(d > steps * float(config.angular_sampling_deg)))) / max(int(n_total), 1)
+
+
 def decide(config, *, was_local: bool, prev, results, log_likelihood: float, prev_log_likelihood: float,
            n_total: int, group, comm, eligible: bool, noise: float = 0.0) -> Decision:
     """Whether the iteration after this one searches locally (collective: every rank calls it).
@@ -101,9 +110,8 @@ def decide(config, *, was_local: bool, prev, results, log_likelihood: float, pre
     if prev is None or not eligible:
         return Decision(False, "search widened: the classes were re-seeded" if was_local else None)
     step = float(config.angular_sampling_deg)
-    d = _moved(prev, results, group, config.n_classes, comm)
     N = max(int(n_total), 1)
-    moved = comm.sum(float(np.sum(d > EDGE_STEPS * step))) / N  # beyond what a local search reaches
+    moved = moved_fraction(prev, results, group, config, N, comm, EDGE_STEPS)  # beyond what a local search reaches
     if was_local:
         drop = prev_log_likelihood - log_likelihood
         if moved > EDGE_FRACTION:
