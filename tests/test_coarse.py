@@ -35,11 +35,13 @@ def test_adjacency_matches_distance_oracle(sym):
 
 
 def test_window_keeps_rotations_within_nats_of_best():
-    mass = np.array([[0.5, 0.5 * np.exp(-9.0), 0.5 * np.exp(-11.0), 0.0],
-                     [0.0, 0.0, 0.0, 0.0]])
-    keep = coarse.windows(mass, 10.0)
+    log_mass = np.array([[np.log(0.5), np.log(0.5) - 9.0, np.log(0.5) - 11.0, -np.inf],
+                         [-np.inf, -np.inf, -np.inf, -np.inf],
+                         [0.0, -2000.0, -3000.0, -1000.0]])  # beyond what a mass can hold in a double
+    keep = coarse.windows(log_mass, 10.0)
     assert keep[0].tolist() == [True, True, False, False]
     assert keep[1].all(), "a particle without mass keeps every coarse rotation"
+    assert coarse.windows(log_mass, 2500.0)[2].tolist() == [True, True, False, True]
 
 
 def test_window_widens_on_a_failed_audit_and_relaxes_back():
@@ -47,6 +49,47 @@ def test_window_widens_on_a_failed_audit_and_relaxes_back():
     w = 100.0 * coarse.WIDEN**2
     assert coarse.next_window(w, 100.0, 0) == pytest.approx(w * coarse.RELAX)
     assert coarse.next_window(101.0, 100.0, 0) == 100.0
+    # a failed audit that measured a wider need jumps to it; a clean one relaxes no further than it
+    assert coarse.next_window(100.0, 100.0, 3, needed=640.0) == pytest.approx(640.0 * coarse.NEED_MARGIN)
+    assert coarse.next_window(900.0, 100.0, 0, needed=680.0) == pytest.approx(680.0 * coarse.NEED_MARGIN)
+    assert coarse.next_window(900.0, 100.0, 0, needed=800.0) == 900.0  # a clean audit never widens
+    assert coarse.next_window(900.0, 100.0, 0, needed=20.0) == pytest.approx(900.0 * coarse.RELAX)
+
+
+def _slow_needed(fine_log_mass, coarse_log_mass, adj, nats):
+    """The narrowest window, trying every candidate window in turn."""
+    out = []
+    for lf, lc in zip(fine_log_mass, coarse_log_mass):
+        p = np.exp(lf)
+        best = None
+        for delta in sorted(set((lc.max() - lc[np.isfinite(lc)]).tolist())):
+            keep = lc >= lc.max() - delta - 1e-9
+            inside = adj[keep].any(axis=0)
+            if p[inside].sum() >= np.exp(-nats) * p.sum() - 1e-12:
+                best = delta
+                break
+        out.append(np.inf if best is None else best)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_needed_window_matches_trying_every_window(seed):
+    rng = np.random.default_rng(seed)
+    n_coarse, n_fine, n = 12, 60, 5
+    adj = rng.random((n_coarse, n_fine)) < 0.2
+    adj[rng.integers(n_coarse, size=n_fine), np.arange(n_fine)] = True  # every fine rotation has a parent
+    coarse_log = -rng.exponential(300.0, (n, n_coarse))
+    coarse_log[0, 3] = -np.inf  # a coarse rotation with nothing kept
+    fine = -rng.exponential(5.0, (n, n_fine))
+    fine -= np.logaddexp.reduce(fine, axis=1, keepdims=True)
+    for nats in (0.01, 0.5):
+        got = coarse.needed_windows(fine, coarse_log, coarse.parents(adj), nats)
+        np.testing.assert_allclose(got, _slow_needed(fine, coarse_log, adj, nats), rtol=1e-12)
+    # the window the audit measures holds the posterior: with it, nothing more than NEED_NATS is missed
+    need = coarse.needed_windows(fine, coarse_log, coarse.parents(adj))
+    for i in range(n):
+        inside = adj[coarse_log[i] >= coarse_log[i].max() - need[i]].any(axis=0)
+        assert -np.logaddexp.reduce(fine[i][inside]) <= coarse.NEED_NATS + 1e-9
 
 
 def test_audit_set_does_not_depend_on_the_split():
@@ -57,14 +100,17 @@ def test_audit_set_does_not_depend_on_the_split():
     assert np.array_equal(np.concatenate([np.flatnonzero(a), 250 + np.flatnonzero(b)]), whole)
     assert len(whole) == max(coarse.AUDIT_MIN, int(np.ceil(coarse.AUDIT_FRACTION * 500)))
     assert not np.array_equal(whole, np.flatnonzero(coarse.audit_set(cfg, 4, np.arange(500), 500)))
+    assert coarse.audit_set(cfg, 3, np.arange(5000), 5000).sum() == coarse.AUDIT_MAX
+    assert coarse.audit_set(cfg, 3, np.arange(5), 5).sum() == 5
 
 
 def test_missed_nats_of_the_audited_windows():
-    mass = np.array([[0.7, 0.3, 0.0], [0.2, 0.8, 0.0], [1.0, 0.0, 0.0]])
+    with np.errstate(divide="ignore"):
+        log_mass = np.log(np.array([[0.7, 0.3, 0.0], [0.2, 0.8, 0.0], [1.0, 0.0, 0.0]]))
     res = coarse.CoarseResult(rot_mask=np.ones((3, 3), np.uint8), audit=np.array([True, True, False]),
                               would_mask=np.array([[True, False, False], [False, False, True]]), n_coarse=1,
-                              samples=0)
-    m = coarse.missed_nats(mass, res)
+                              audit_log_mass=np.zeros((2, 1)), parents=np.zeros((3, 1), np.int64), samples=0)
+    m = coarse.missed_nats(log_mass, res)
     assert m[0] == pytest.approx(-np.log(0.7))
     assert m[1] > 600  # nothing inside: the window missed all of it
 

@@ -197,8 +197,8 @@ def test_half_sets_get_their_own_sums_from_one_plan():
 
 @pytest.mark.parametrize("mode", ["ml", "cc"])
 def test_rotation_masses_match_oracle_and_scores_only_adds_nothing(mode):
-    """``rot_mass=True``: each rotation's posterior mass, summed over classes and shifts, as the
-    oracle's posteriors give it (CC: 1 at the best rotation); ``accumulate=False`` leaves the
+    """``rot_mass=True``: the log of each rotation's posterior mass, summed over classes and
+    shifts, as the oracle's posteriors give it (CC: 1 at the best rotation); ``accumulate=False`` leaves the
     sums at zero and the scores as they are with sums (a coarse-to-fine search's first pass)."""
     pb = make_problem(4, sigma2=20.0)
     refs = np.stack([padded_transform(a, 2, True) for a in pb["refs"]])
@@ -209,9 +209,9 @@ def test_rotation_masses_match_oracle_and_scores_only_adds_nothing(mode):
     ora = oracle_estep(pb["refs"], pb["parts"], pb["masks"], pb["groups"], 2, 3, pb["rots"], pb["shifts"],
                        pb["lp"], pb["la"], pb["sigma2"], mode=mode)
     want = np.stack([P.sum(axis=(0, 2)) for P in ora["posteriors"]])
-    np.testing.assert_allclose(sc.rot_mass, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.exp(sc.rot_log_mass), want, rtol=1e-4, atol=1e-6)
     assert 0.01 < want.max(axis=1).min() and want.max(axis=1).max() <= 1.0
     assert not np.any(sums.W) and not np.any(sums.S) and not np.any(sums.scalars)
     np.testing.assert_array_equal(sc.best_rot, full.best_rot)
     np.testing.assert_allclose(sc.log_sum, full.log_sum)
-    assert full.rot_mass is None and np.any(full_sums.W)
+    assert full.rot_log_mass is None and np.any(full_sums.W)

@@ -211,7 +211,7 @@ class PyEStepPlan {
     scores["x_norm"] = x_norm;
     scores["n_observed"] = n_observed;
     scores["class_log_sum"] = class_log_sum;
-    if (rot_mass) scores["rot_mass"] = rot_masses;
+    if (rot_mass) scores["rot_log_mass"] = rot_masses;
     counters["samples"] = c.samples;
     counters["kept"] = c.kept;
     counters["maps_pruned"] = c.maps_pruned;

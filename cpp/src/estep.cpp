@@ -103,35 +103,55 @@ struct Best {
 };
 
 // Log-sum-exp over a particle's kept samples (the maximum subtracted); stores the total in c.
+// rot_log_mass (R values, or null) receives log Σ_{k,t} p(k, r, t | X) per rotation r, computed
+// about each rotation's own maximum so that it keeps its range where exp(L − Lmax) underflows
+// (a coarse window of thousands of nats at 64³ and above); −inf where nothing was kept.
 Best ml_posterior(Candidates& c, const ParticleData& d, int R, int T, double log_prune, double inv2s2,
-                  double* class_total, double* rot_mass) {
+                  double* class_total, double* rot_log_mass) {
   Best b;
   if (c.kr.empty()) return b;
   const double Lmax = c.run_best;
   const double thr = Lmax + log_prune;
+  constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
+  std::vector<double> rot_sum;
+  if (rot_log_mass) {  // each rotation's maximum first
+    std::fill(rot_log_mass, rot_log_mass + R, kNegInfD);
+    rot_sum.assign(R, 0.0);
+    for (std::size_t q = 0; q < c.kr.size(); ++q) {
+      if (c.best[q] < thr) continue;
+      const float* L = &c.maps[q * T];
+      double& m = rot_log_mass[c.kr[q] % R];
+      for (int t = 0; t < T; ++t)
+        if (L[t] >= thr && L[t] > m) m = L[t];
+    }
+  }
   double total = 0;
   float best_L = kNegInf;
   for (std::size_t q = 0; q < c.kr.size(); ++q) {
     if (c.best[q] < thr) continue;
     const float* L = &c.maps[q * T];
+    const int r = c.kr[q] % R;
     for (int t = 0; t < T; ++t) {
       if (L[t] < thr) continue;
       const double e = std::exp(L[t] - Lmax);
       total += e;
       if (class_total) class_total[c.kr[q] / R] += e;
-      if (rot_mass) rot_mass[c.kr[q] % R] += e;
+      if (rot_log_mass) rot_sum[r] += std::exp(L[t] - rot_log_mass[r]);
       ++b.nsig;
       if (L[t] > best_L) {
         best_L = L[t];
         b.k = c.kr[q] / R;
-        b.r = c.kr[q] % R;
+        b.r = r;
         b.t = t;
       }
     }
   }
   c.total = total;
-  if (rot_mass)
-    for (int r = 0; r < R; ++r) rot_mass[r] /= total;
+  if (rot_log_mass) {
+    const double log_total = Lmax + std::log(total);
+    for (int r = 0; r < R; ++r)
+      rot_log_mass[r] = rot_sum[r] > 0 ? rot_log_mass[r] + std::log(rot_sum[r]) - log_total : kNegInfD;
+  }
   b.p = std::exp(best_L - Lmax) / total;
   b.log_sum = c.offset + Lmax + std::log(total) - d.x_norm * inv2s2;
   return b;
@@ -341,11 +361,11 @@ void EStepPlan::posteriors(EStepRun& run) {
     const ParticleData& d = run.pdata[i];
     double* cls = out.class_log_sum ? out.class_log_sum + static_cast<std::size_t>(i) * s_.K : nullptr;
     if (cls) std::fill(cls, cls + s_.K, 0.0);
-    double* rm = out.rot_mass ? out.rot_mass + static_cast<std::size_t>(i) * s_.R : nullptr;
-    if (rm) std::fill(rm, rm + s_.R, 0.0);
+    double* rm = out.rot_log_mass ? out.rot_log_mass + static_cast<std::size_t>(i) * s_.R : nullptr;
+    if (rm) std::fill(rm, rm + s_.R, -std::numeric_limits<double>::infinity());
     const Best b = cc_mode ? cc_posterior(run.cands[i], s_.R)
                            : ml_posterior(run.cands[i], d, s_.R, s_.T, log_prune, inv2s2, cls, rm);
-    if (rm && cc_mode && b.r >= 0) rm[b.r] = 1.0;
+    if (rm && cc_mode && b.r >= 0) rm[b.r] = 0.0;  // log 1
     if (cls) {  // totals -> per-class log sums without the class prior
       const Candidates& c = run.cands[i];
       for (int k = 0; k < s_.K; ++k)

@@ -309,10 +309,10 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         if bar:
             bar.close()
         t_e = time.perf_counter()
-        next_window, missed = 0.0, float("nan")
+        next_window, missed, needed = 0.0, float("nan"), float("nan")
         if coarse is not None:
             counters["samples"] += coarse.samples
-            next_window, missed, skip = _audit(coarse, scores, window, config, comm, it, len(rotations))
+            next_window, missed, needed, skip = _audit(coarse, scores, window, config, comm, it, len(rotations))
         sums, counts = _reduce(sums, half_sums, counters, comm)
         for s in [sums] + (half_sums or []):
             s.Mfull = scale_full_weights(s.Mfull, noise, ngroups.counts, sampling.pad)
@@ -344,7 +344,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
         if decision.message and comm.rank == 0:
             log.info(f"iteration {it}: {decision.message}")
         model = replace(model, noise=noise, search_local=decision.local, search_noise=decision.noise,
-                        coarse_window=next_window if coarse is not None else model.coarse_window,
+                        coarse_window=next_window if coarse is not None else window,  # mstep's Model has none
                         coarse_skip=skip)
         stop = None
         if track_convergence:
@@ -369,6 +369,7 @@ def run_em(particles, config: Config, *, refs=None, focus=None, comm=None, out_d
                                 else float(len(rotations))),
             coarse_rotations=coarse.n_coarse if coarse is not None else 0,
             coarse_window=window if coarse is not None else float("nan"), coarse_missed=missed,
+            coarse_needed=needed,
             score_radius=float(sampling.radius if r_score is None else r_score),
             converged=stop is not None,
         )
@@ -437,17 +438,22 @@ def _coarse_pass(work: Model, Fref, sampling: Sampling, config: Config, data_e, 
 
 
 def _audit(coarse, scores, window: float, config: Config, comm, it: int, n_fine: int):
-    """``(next window, mean nats missed, iterations to search every rotation)`` from the audited
-    particles' exhaustive posteriors and the share of the grid the windows held."""
-    missed = coarse_search.missed_nats(scores.rot_mass, coarse)
+    """``(next window, mean nats missed, widest window needed, iterations to search every
+    rotation)`` from the audited particles' exhaustive posteriors and the share of the grid the
+    windows held."""
+    missed = coarse_search.missed_nats(scores.rot_log_mass, coarse)
+    needed = coarse_search.needed_windows(scores.rot_log_mass[coarse.audit], coarse.audit_log_mass, coarse.parents)
     n_audit = comm.sum(float(len(missed)))
     n_failed = comm.sum(float((missed > coarse_search.AUDIT_TOLERANCE).sum()))
     mean_missed = comm.sum(float(missed.sum())) / max(n_audit, 1.0)
+    most = comm.gather(float(needed.max()) if len(needed) else 0.0)
+    most_needed = comm.bcast(max(most) if comm.rank == 0 else None)
     rot_per = comm.sum(float(coarse.rot_mask[~coarse.audit].sum())) / max(comm.sum(float((~coarse.audit).sum())), 1.0)
-    nxt = coarse_search.next_window(window, config.coarse_window, n_failed)
+    nxt = coarse_search.next_window(window, config.coarse_window, n_failed, most_needed)
     if comm.rank == 0:
         msg = (f"iteration {it}: coarse-to-fine, {coarse.n_coarse} coarse rotations, window {window:.0f} nats, "
-               f"{rot_per:.0f} fine rotations per particle; audit of {n_audit:.0f}: mean {mean_missed:.3g} nats missed")
+               f"{rot_per:.0f} fine rotations per particle; audit of {n_audit:.0f}: mean {mean_missed:.3g} nats "
+               f"missed, window needed {most_needed:.0f}")
         if n_failed:
             msg += f", {n_failed:.0f} missed > {coarse_search.AUDIT_TOLERANCE:g}: window {nxt:.0f} next"
         (log.info if n_failed else log.debug)(msg)
@@ -457,7 +463,7 @@ def _audit(coarse, scores, window: float, config: Config, comm, it: int, n_fine:
         if comm.rank == 0:
             log.debug(f"iteration {it}: the coarse pass kept {rot_per / n_fine:.0%} of the rotations; the next "
                      f"{skip} iterations search every rotation")
-    return nxt, mean_missed, skip
+    return nxt, mean_missed, most_needed, skip
 
 
 def _mode_for_weights(particles, config: Config, comm) -> Config:

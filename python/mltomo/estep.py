@@ -67,8 +67,10 @@ def estep(
         rot_mask: optional ``(N, R)`` uint8, the rotations each particle searches.
         progress: optional callable(n_done) called after each chunk.
         accumulate: False scores only (``sums`` stay zero): a coarse pass.
-        rot_mass: also return ``scores.rot_mass`` ``(N, R)``, each rotation's posterior mass
-            summed over classes and shifts (CC: 1 at the best rotation).
+        rot_mass: also return ``scores.rot_log_mass`` ``(N, R)``, the log of each rotation's
+            posterior mass summed over classes and shifts (−inf where every sample was pruned; CC:
+            0 at the best rotation). Logs, since a coarse window can reach beyond the ~745 nats
+            below its maximum where a mass underflows.
         score_radius: score only the components ``|k| ≤ score_radius`` (``≤ radius``; None: all),
             counting the reference as 0 beyond it (d² adds ``Σ w|X|²`` there); the sums, ``x_norm``
             and ``n_observed`` still cover the whole working set (the resolution schedule,
@@ -123,7 +125,7 @@ def estep(
         score_radius=-1.0 if score_radius is None else float(score_radius),
     )
     if rot_mass:
-        scores.rot_mass = np.zeros((N, R))
+        scores.rot_log_mass = np.full((N, R), -np.inf)
     for target, sel in _chunks(N, chunk, sums, halves):
         res = plan.run(particles=_take(particles, sel), groups=_take(groups, sel),
                        sums=target if accumulate else None, rot_mask=_take(rot_mask, sel),

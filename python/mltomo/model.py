@@ -165,6 +165,7 @@ class IterationStats:
     coarse_rotations: int = 0  # coarse-to-fine: rotations of the coarse pass (0: none)
     coarse_window: float = float("nan")  # coarse-to-fine: the window used, nats
     coarse_missed: float = float("nan")  # coarse-to-fine: mean mass the audited particles' windows missed, nats
+    coarse_needed: float = float("nan")  # coarse-to-fine: the widest window an audited particle needed, nats
     score_radius: float = float("nan")  # the radius the E-step scored to (index units; mltomo.resolution)
     converged: bool = False  # the auto-stop rule held after this iteration (mltomo.convergence)
 
@@ -240,12 +241,12 @@ class ParticleScores:
     x_norm: np.ndarray  # float64: Σ w |X|² over the working set
     n_observed: np.ndarray  # float64: J_i^o
     class_log_sum: np.ndarray | None = None  # (N, K) float64: log Σ_{r,t} p(t) exp(−d²/2σ²) per class (ML)
-    rot_mass: np.ndarray | None = None  # (N, R) float64 posterior mass per rotation (estep(rot_mass=True))
+    rot_log_mass: np.ndarray | None = None  # (N, R) float64 log posterior mass per rotation (estep(rot_mass=True))
 
     def put(self, idx: np.ndarray, other: ParticleScores) -> None:
         """Write ``other``'s scores (of the particles ``idx``, in that order) into this set."""
         for f in fields(self):
-            if f.name == "rot_mass":
+            if f.name == "rot_log_mass":
                 continue
             if f.name == "class_log_sum":
                 if other.class_log_sum is None:

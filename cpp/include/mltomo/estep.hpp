@@ -91,9 +91,10 @@ struct ParticleOutputs {
   // (N, K) log sum_{r,t} p(t) exp(-d^2 / 2 sigma^2) of each class over the kept samples, without
   // the class prior (ML; -inf for a class with no kept sample and in CC mode), or null.
   double* class_log_sum = nullptr;
-  // (N, R) posterior mass of each rotation, summed over classes and shifts (ML; 1 at the best
-  // rotation in CC mode), or null. For coarse-to-fine searches.
-  double* rot_mass = nullptr;
+  // (N, R) log of each rotation's posterior mass, summed over classes and shifts (ML; 0 at the
+  // best rotation and -inf elsewhere in CC mode), or null. For coarse-to-fine searches; in log
+  // form because their windows reach beyond the ~745 nats a double's exp can hold.
+  double* rot_log_mass = nullptr;
 };
 
 // Accumulators, added into: W (K), S (K, P, P, P/2+1) complex, M and Mfull (same, real),
