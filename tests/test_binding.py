@@ -115,6 +115,25 @@ def test_one_plan_over_chunks_equals_one_call(problem):
     np.testing.assert_array_equal(ra["scores"]["max_post"], rb["scores"]["max_post"])
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chunks_pack_particles_by_their_own_cost(seed):
+    """A windowed search's chunks hold as many particles as their own rows' maps allow: every
+    chunk within the budget unless it holds only the minimum, every particle once, in order."""
+    from mltomo.estep import MAX_CHUNK, _runs
+
+    rng = np.random.default_rng(seed)
+    cost = rng.choice([3.0, 50.0, 400.0], size=500, p=[0.6, 0.35, 0.05])
+    budget, min_n = 600.0, 4
+    runs = list(_runs(cost, budget, min_n))
+    assert [a for a, _ in runs] == [0] + [b for _, b in runs[:-1]] and runs[-1][1] == len(cost)
+    for a, b in runs:
+        assert b - a >= min(min_n, len(cost) - a)
+        assert cost[a:b].sum() <= budget or b - a == min_n
+        assert b == len(cost) or b - a == min_n or cost[a:b + 1].sum() > budget  # greedy: the next would not fit
+    assert list(_runs(np.full(10, 7.0), 50.0, 2)) == [(0, 7), (7, 10)]  # the fixed chunk of a uniform cost
+    assert list(_runs(np.zeros(MAX_CHUNK + 5), 1.0, 1)) == [(0, MAX_CHUNK), (MAX_CHUNK, MAX_CHUNK + 5)]
+
+
 def test_cached_and_streamed_rotations_agree_with_local_search(problem):
     pb, refs, parts = problem
     rng = np.random.default_rng(3)

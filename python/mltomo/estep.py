@@ -20,6 +20,7 @@ from mltomo.model import ParticleScores, Sums
 
 MODES = {"ml": 0, "cc": 1}
 KERNELS = ("auto", "fft", "pruned")
+MAX_CHUNK = 4096  # particles in one call of the core
 ROTATED_CACHE_BYTES = 256 << 20  # the core keeps every rotated reference if they fit in this
 
 
@@ -99,8 +100,13 @@ def estep(
         sums = Sums.zeros(K, P) if halves is None else [Sums.zeros(K, P), Sums.zeros(K, P)]
     scores = ParticleScores.empty(N, K)
     nthreads = nthreads or _core.max_threads()
-    per_particle = K * R * T * 4 + particles[0].nbytes * 2 if N else 1
-    chunk = int(np.clip(memory_budget_bytes // max(per_particle, 1), 4 * nthreads, 4096))
+    # A chunk holds what its particles' translation maps may take (at worst every map a particle
+    # searches: with rot_mask, its row) and their copies. Each chunk rotates the references again
+    # unless they all fit the rotated cache, so a windowed search (rot_mask) packs its particles
+    # by their own rows, not by the whole grid (at 64³, K = 4: 7 chunks of 2,000 particles, not 34).
+    searched = np.full(N, R, np.int64) if rot_mask is None else np.asarray(rot_mask).sum(axis=1, dtype=np.int64)
+    cost = K * np.maximum(searched, 1) * T * 4 + (particles[0].nbytes * 2 if N else 0)
+    chunks = list(_chunks(cost, memory_budget_bytes, 4 * nthreads, sums, halves))
     counters = {"samples": 0, "kept": 0, "maps_pruned": 0, "maps_pruned_kernel": 0, "seconds_rotate": 0.0,
                 "seconds_score": 0.0, "seconds_accumulate": 0.0, "seconds_total": 0.0}
     groups = np.ascontiguousarray(groups, dtype=np.int32)
@@ -121,12 +127,12 @@ def estep(
         shifts=shifts, log_prior_shift=log_prior_shift, log_alpha=log_alpha, sigma2=float(sigma2),
         mode=mode, prune=float(prune), nthreads=int(nthreads), rot_block=int(rot_block), kernel=kernel,
         # with several chunks, every chunk would rotate the references again unless they are kept
-        rotated_cache_bytes=float(max(ROTATED_CACHE_BYTES, memory_budget_bytes if N > chunk else 0)),
+        rotated_cache_bytes=float(max(ROTATED_CACHE_BYTES, memory_budget_bytes if len(chunks) > 1 else 0)),
         score_radius=-1.0 if score_radius is None else float(score_radius),
     )
     if rot_mass:
         scores.rot_log_mass = np.full((N, R), -np.inf)
-    for target, sel in _chunks(N, chunk, sums, halves):
+    for target, sel in chunks:
         res = plan.run(particles=_take(particles, sel), groups=_take(groups, sel),
                        sums=target if accumulate else None, rot_mask=_take(rot_mask, sel),
                        class_offsets=_take(offsets, sel), rot_mass=rot_mass)
@@ -147,17 +153,32 @@ def _take(a, sel):
     return a[sel] if isinstance(sel, slice) else np.ascontiguousarray(a[sel])
 
 
-def _chunks(N: int, chunk: int, sums, halves):
+def _chunks(cost: np.ndarray, budget: float, min_n: int, sums, halves):
     """``(accumulators, particle selection)`` of every chunk: contiguous slices, or with
-    ``halves`` the particles of each half set in order, each half into its own sums."""
+    ``halves`` the particles of each half set in order, each half into its own sums; a chunk
+    takes particles while their ``cost`` (bytes) stays within ``budget``, at least ``min_n`` and
+    at most ``MAX_CHUNK`` of them."""
+    N = len(cost)
     if halves is None:
-        for a in range(0, N, chunk):
-            yield sums, slice(a, min(N, a + chunk))
+        for a, b in _runs(cost, budget, min_n):
+            yield sums, slice(a, b)
         return
     halves = np.asarray(halves)
     if halves.shape != (N,):
         raise ValueError(f"halves must be ({N},), got {halves.shape}")
     for h in (0, 1):
         idx = np.flatnonzero(halves == h)
-        for a in range(0, len(idx), chunk):
-            yield sums[h], idx[a : a + chunk]
+        for a, b in _runs(cost[idx], budget, min_n):
+            yield sums[h], idx[a:b]
+
+
+def _runs(cost: np.ndarray, budget: float, min_n: int):
+    """``(a, b)`` bounds of consecutive runs of ``cost`` summing to at most ``budget``
+    (``min_n`` to ``MAX_CHUNK`` items each)."""
+    total = np.concatenate([[0], np.cumsum(cost, dtype=np.float64)])
+    a, n = 0, len(cost)
+    while a < n:
+        b = int(np.searchsorted(total, total[a] + budget, side="right")) - 1
+        b = min(n, max(b, a + max(min_n, 1)), a + MAX_CHUNK)
+        yield a, b
+        a = b
