@@ -56,13 +56,6 @@ def test_window_widens_on_a_failed_audit_and_relaxes_back():
     assert coarse.next_window(900.0, 100.0, 0, needed=20.0) == pytest.approx(900.0 * coarse.RELAX)
 
 
-def test_prune_keeps_what_a_wide_window_needs():
-    """The coarse pass prunes nothing a window may keep: beyond a double's exp range, nothing."""
-    assert coarse._prune(10.0) == pytest.approx(np.exp(-10.0))
-    assert coarse._prune(650.0) > 0.0 and np.log(coarse._prune(650.0)) == pytest.approx(-650.0)
-    assert coarse._prune(1200.0) == 0.0
-
-
 def _slow_needed(fine_log_mass, coarse_log_mass, adj, nats):
     """The narrowest window, trying every candidate window in turn."""
     out = []

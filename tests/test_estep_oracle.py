@@ -133,6 +133,14 @@ def test_pruning_is_counted_and_nearly_exact():
     np.testing.assert_allclose(pruned.W, exact.W, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(pruned.S, exact.S, atol=1e-6 * np.abs(exact.S).max())
     np.testing.assert_array_equal(sc0.best_rot, sc1.best_rot)
+    # the same prune given as its log keeps the same samples; a log below a double's exp range
+    # (-1e4: nothing is that far below here) keeps every one, as prune=0 does
+    logged, sc2, c2 = run_core(pb, prune=0.5, log_prune=np.log(1e-8))
+    assert c2["kept"] == c1["kept"] and np.array_equal(logged.S, pruned.S)
+    far, _, c3 = run_core(pb, prune=0.5, log_prune=-1e4)
+    assert c3["kept"] == c0["kept"] and np.array_equal(far.W, exact.W)
+    with pytest.raises(ValueError, match="log_prune"):
+        run_core(pb, log_prune=0.5)
 
 
 def test_same_thread_count_is_bit_identical_and_thread_counts_agree():

@@ -127,7 +127,7 @@ class PyEStepPlan {
   PyEStepPlan(py::handle refs, double pad, py::handle masks, double radius, py::handle rotations,
               py::handle shifts, py::handle log_prior_shift, py::handle log_alpha, double sigma2,
               const std::string& mode, double prune, int nthreads, int rot_block, double rotated_cache_bytes,
-              const std::string& kernel, double score_radius) {
+              const std::string& kernel, double score_radius, double log_prune) {
     mltomo::EStepSetup st;
     const py::ssize_t K = dim<cfloat>(refs, "refs", 4, 0), P = dim<cfloat>(refs, "refs", 4, 1);
     st.refs = checked<cfloat>(refs, "refs", {K, P, P, P / 2 + 1});
@@ -151,6 +151,7 @@ class PyEStepPlan {
     if (mode != "ml" && mode != "cc") throw py::value_error("mode must be 'ml' or 'cc', got '" + mode + "'");
     st.mode = mode == "ml" ? mltomo::ScoreMode::MaximumLikelihood : mltomo::ScoreMode::CrossCorrelation;
     st.prune = prune;
+    st.log_prune = log_prune;
     st.nthreads = thread_count(nthreads);
     st.rot_block = rot_block;
     st.rotated_cache_bytes = rotated_cache_bytes;
@@ -383,12 +384,12 @@ PYBIND11_MODULE(_core, m) {
                           "What the E-step of one iteration keeps across chunks of particles: working set, FFT "
                           "plan, shift tables, rotated references. Borrows refs and masks (keep them unchanged).")
       .def(py::init<py::handle, double, py::handle, double, py::handle, py::handle, py::handle, py::handle, double,
-                    const std::string&, double, int, int, double, const std::string&, double>(),
+                    const std::string&, double, int, int, double, const std::string&, double, double>(),
            py::kw_only(), py::arg("refs"), py::arg("pad"), py::arg("masks"), py::arg("radius"), py::arg("rotations"),
            py::arg("shifts"), py::arg("log_prior_shift"), py::arg("log_alpha"), py::arg("sigma2"),
            py::arg("mode") = "ml", py::arg("prune") = 1e-8, py::arg("nthreads") = 0, py::arg("rot_block") = 32,
            py::arg("rotated_cache_bytes") = 256.0 * (1 << 20), py::arg("kernel") = "auto",
-           py::arg("score_radius") = -1.0)
+           py::arg("score_radius") = -1.0, py::arg("log_prune") = std::numeric_limits<double>::quiet_NaN())
       .def_property_readonly("kernel", &PyEStepPlan::kernel,
                              "'fft' or 'pruned': how this plan scores the shifts ('auto' resolved).")
       .def("run", &PyEStepPlan::run, py::kw_only(), py::arg("particles"), py::arg("groups"), py::arg("sums"),

@@ -34,6 +34,7 @@ EStepSetup validated(const EStepSetup& s) {
   require(s.refs && s.masks && s.rotations && s.shifts && s.log_prior_shift && s.log_alpha, "missing array");
   require(s.sigma2 > 0 && std::isfinite(s.sigma2), "sigma2 must be positive and finite");
   require(s.prune >= 0 && s.prune < 1, "prune must be in [0, 1)");
+  require(std::isnan(s.log_prune) || s.log_prune < 0, "log_prune must be negative");
   require(s.nthreads >= 1, "nthreads must be >= 1");
   require(s.grid.P % 2 == 0 && s.grid.pad > 0, "padded box must be even");
   require(s.grid.pad * s.radius + 1 <= s.grid.P / 2.0,
@@ -297,7 +298,7 @@ void EStepPlan::keep_map(ThreadScratch& th, const ParticleData& d, Candidates& c
   if (s_.mode != ScoreMode::CrossCorrelation) {
     const double inv2s2 = 1.0 / (2.0 * s_.sigma2);
     for (int t = 0; t < T; ++t) th.scores[t] = la + s_.log_prior_shift[t] - (ref_norm - 2.0 * cross[t]) * inv2s2;
-    if (!c.push_ml(kr, th.scores.data(), T, log_prune_of(s_.prune), th.scores_f)) ++th.maps_pruned;
+    if (!c.push_ml(kr, th.scores.data(), T, log_prune_of(s_), th.scores_f)) ++th.maps_pruned;
     return;
   }
   // CC: DC is the first component of the working set (index 0).
@@ -350,7 +351,7 @@ void EStepPlan::score_block(EStepRun& run, int r0, int r1) {
 // Stage 3: posteriors of each particle and its per-particle outputs.
 void EStepPlan::posteriors(EStepRun& run) {
   const bool cc_mode = s_.mode == ScoreMode::CrossCorrelation;
-  const double log_prune = log_prune_of(s_.prune);
+  const double log_prune = log_prune_of(s_);
   const double inv2s2 = 1.0 / (2.0 * s_.sigma2);
   ThreadScratch& th = run.scratch[omp_get_thread_num()];
   const ParticleOutputs& out = run.out;

@@ -28,6 +28,9 @@ inline void require(bool ok, const std::string& what) {
 inline double log_prune_of(double prune) {
   return prune > 0 ? std::log(prune) : -std::numeric_limits<double>::infinity();
 }
+inline double log_prune_of(const EStepSetup& s) {
+  return std::isnan(s.log_prune) ? log_prune_of(s.prune) : s.log_prune;
+}
 
 // The translation maps of one particle that may still matter. A map is dropped as soon as its
 // best log-weight falls below (running maximum + log prune): the final maximum can only be

@@ -17,7 +17,7 @@ struct MapShare {
 // Who contributes to which (class, rotation), particles in ascending order. One thread.
 void EStepPlan::index_contributions(EStepRun& run) {
   const bool cc_mode = s_.mode == ScoreMode::CrossCorrelation;
-  const double log_prune = log_prune_of(s_.prune);
+  const double log_prune = log_prune_of(s_);
   const int N = run.batch.N;
   auto& kr_start = run.kr_start;
   // Calls add(i, kr, cand) for every kept map, in particle order.
@@ -49,7 +49,7 @@ void EStepPlan::weighted_sums(EStepRun& run) {
   const WorkingSet& aw = acc_ws();
   const std::size_t J = aw.size(), half_P = s_.grid.half_size();
   const bool cc_mode = s_.mode == ScoreMode::CrossCorrelation;
-  const double log_prune = log_prune_of(s_.prune);
+  const double log_prune = log_prune_of(s_);
   ThreadScratch& th = run.scratch[omp_get_thread_num()];
   // P_t of the map and its totals; d^2 = sum w|X|^2 + 2 sigma^2 (log alpha + log p(t) - L).
   auto share = [&](int i, const ParticleData& d, const Candidates& c, int k, std::int32_t cand) {

@@ -197,7 +197,7 @@ def plan(Fref, sampling, config: Config, data, masks, groups, coarse_rotations, 
     args = (log_prior_shift, log_alpha, sigma2)
     opts = dict(accumulate=False, rot_mass=True, nthreads=config.threads, kernel=config.kernel)
     _, scores, counters = estep(Fref, cs.pad, data, masks, groups, cs.radius, coarse_rotations, cs.shifts, *args,
-                                prune=_prune(window + 1.0 + math.log(Fref.shape[0] * len(cs.shifts))),
+                                log_prune=-(window + 1.0 + math.log(Fref.shape[0] * len(cs.shifts))),
                                 memory_budget_bytes=config.memory_budget_bytes, **opts)
     samples = int(counters["samples"])
     audit_log_mass = np.zeros((0, len(coarse_rotations)))
@@ -214,12 +214,6 @@ def plan(Fref, sampling, config: Config, data, masks, groups, coarse_rotations, 
     return CoarseResult(rot_mask=np.ascontiguousarray(rot_mask), audit=audit, would_mask=fine[audit],
                         audit_log_mass=audit_log_mass, parents=parents(adj), n_coarse=len(coarse_rotations),
                         samples=samples)
-
-
-def _prune(nats: float) -> float:
-    """The E-step's prune factor that keeps every sample within ``nats`` of the best (0, keeping
-    all, beyond what a double's exp holds: windows at 64³ reach 1,000 nats and more)."""
-    return math.exp(-nats) if nats < 700.0 else 0.0
 
 
 def missed_nats(rot_log_mass: np.ndarray, result: CoarseResult) -> np.ndarray:

@@ -41,6 +41,7 @@ def estep(
     rot_mask: np.ndarray | None = None,
     mode: str = "ml",
     prune: float = 1e-8,
+    log_prune: float | None = None,
     nthreads: int = 0,
     memory_budget_bytes: int = 1 << 30,
     rot_block: int = 32,
@@ -72,6 +73,8 @@ def estep(
             posterior mass summed over classes and shifts (−inf where every sample was pruned; CC:
             0 at the best rotation). Logs, since a coarse window can reach beyond the ~745 nats
             below its maximum where a mass underflows.
+        log_prune: the log of the prune factor, replacing ``prune`` (a coarse pass keeps samples
+            more nats below the best than a double's exp can hold).
         score_radius: score only the components ``|k| ≤ score_radius`` (``≤ radius``; None: all),
             counting the reference as 0 beyond it (d² adds ``Σ w|X|²`` there); the sums, ``x_norm``
             and ``n_observed`` still cover the whole working set (the resolution schedule,
@@ -129,6 +132,7 @@ def estep(
         # with several chunks, every chunk would rotate the references again unless they are kept
         rotated_cache_bytes=float(max(ROTATED_CACHE_BYTES, memory_budget_bytes if len(chunks) > 1 else 0)),
         score_radius=-1.0 if score_radius is None else float(score_radius),
+        log_prune=float("nan") if log_prune is None else float(log_prune),
     )
     if rot_mass:
         scores.rot_log_mass = np.full((N, R), -np.inf)

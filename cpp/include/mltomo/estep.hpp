@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <limits>
 #include <vector>
 
 #include "mltomo/back_shift.hpp"
@@ -58,6 +59,9 @@ struct EStepSetup {
   double sigma2 = 1;
   ScoreMode mode = ScoreMode::MaximumLikelihood;
   double prune = 1e-8;  // relative posterior below which a sample is dropped (0 keeps all)
+  // log of the prune factor, replacing `prune` when not NaN: a coarse window at 64³ keeps
+  // samples 1,000 nats and more below the best, beyond the ~745 a double's exp holds
+  double log_prune = std::numeric_limits<double>::quiet_NaN();
   int nthreads = 1;
   int rot_block = 32;
   double rotated_cache_bytes = 256.0 * (1 << 20);  // keep all R_r A_k if they fit in this
