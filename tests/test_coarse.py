@@ -54,6 +54,7 @@ def test_window_widens_on_a_failed_audit_and_relaxes_back():
     assert coarse.next_window(900.0, 100.0, 0, needed=680.0) == pytest.approx(680.0 * coarse.NEED_MARGIN)
     assert coarse.next_window(900.0, 100.0, 0, needed=800.0) == 900.0  # a clean audit never widens
     assert coarse.next_window(900.0, 100.0, 0, needed=20.0) == pytest.approx(900.0 * coarse.RELAX)
+    assert coarse.next_window(100.0, 100.0, 1, needed=np.inf) == pytest.approx(100.0 * coarse.WIDEN)
 
 
 def _slow_needed(fine_log_mass, coarse_log_mass, adj, nats):

@@ -229,7 +229,7 @@ def next_window(window: float, configured: float, n_failed: float, needed: float
     than ``AUDIT_TOLERANCE`` nats, ``WIDEN`` times wider or the measured ``needed`` window
     (``NEED_MARGIN`` × the largest audited particle's), whichever is wider; else relaxing toward
     the configured one, but not below what the audit needed."""
-    need = NEED_MARGIN * needed
+    need = NEED_MARGIN * needed if math.isfinite(needed) else 0.0  # no measurement: the old rule
     if n_failed > 0:
         return max(window * WIDEN, need)
     return max(configured, window * RELAX, min(window, need))
