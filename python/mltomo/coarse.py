@@ -150,13 +150,9 @@ def windows(log_mass: np.ndarray, window: float) -> np.ndarray:
 def parents(adj: np.ndarray) -> np.ndarray:
     """``(R_fine, P)`` int: the coarse rotations adjacent to each fine rotation (``adj`` of
     :func:`adjacency`), padded with ``R_coarse``."""
-    n_coarse = adj.shape[0]
     width = max(1, int(adj.sum(axis=0).max()))
-    out = np.full((adj.shape[1], width), n_coarse, dtype=np.int64)
-    for r in range(adj.shape[1]):
-        c = np.flatnonzero(adj[:, r])
-        out[r, : len(c)] = c
-    return out
+    first = np.argsort(~adj, axis=0, kind="stable")[:width].T  # each column's adjacent rows first
+    return np.where(np.take_along_axis(adj.T, first, axis=1), first, adj.shape[0]).astype(np.int64)
 
 
 def needed_windows(fine_log_mass: np.ndarray, coarse_log_mass: np.ndarray, parent: np.ndarray,
