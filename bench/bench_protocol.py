@@ -21,17 +21,17 @@ rotation searched, every shell scored). ``--fidelity`` adds ``every_rotation``: 
 kernel on every rotation and every shell, all iterations, to show what the coarse stage and the
 schedule change. ``--search auto`` narrows the
 default run once the poses have converged (``mltomo.narrowing``). With
-``--exhaustive-iterations N`` the exhaustive run stops after N iterations and each of the
-remaining iterations is counted at the seconds of its last measured one per class searched:
-the first six iterations of the default scheme search one class per particle (the classes
-are tied until the split after iteration 5, and iteration 6 scores each particle in the class
-the split seeded it to), the later ones all K, and an exhaustive iteration's cost is linear in the classes it
-searches (its purity and error are then those after N iterations, marked
-``"extrapolated": true``; an N past the split, e.g. 8, measures a K-class iteration directly;
-``classes_searched`` lists the classes each measured iteration searched); with ``--exhaustive-particles M`` it
-runs on the first M particles only and its seconds are scaled by N/M as well (the E-step's
-cost is linear in the particles; the M-step's, a few per cent of it, is not, so this
-overestimates the exhaustive run slightly).
+``--exhaustive-iterations N`` the exhaustive run stops after N iterations and each remaining
+iteration is counted at the seconds of its last measured one per class searched. The first six
+iterations of the default scheme search one class per particle (the classes are tied until the
+split after iteration 5, and iteration 6 scores each particle in the class the split seeded it
+to), the later ones all K, and an exhaustive iteration's cost is linear in the classes it
+searches; an N past the split (8 for W1, 7 at least) measures a K-class iteration directly
+(``classes_searched`` lists the classes each measured iteration searched; the exhaustive
+run's purity and error are then those after N iterations, marked ``"extrapolated": true``).
+With ``--exhaustive-particles M`` it runs on the first M particles only and its seconds are
+scaled by ``--particles`` / M as well (the E-step's cost is linear in the particles; the
+M-step's, a few per cent of it, is not, so this overestimates the exhaustive run slightly).
 
 Prints one JSON line: per run seconds end to end, seconds per iteration (mean, and of the last
 iteration), purity, median angular error (modulo each class's symmetry), final log-likelihood;
